@@ -1,0 +1,120 @@
+"""The KV-cached decode loop against a slow loop that recomputes the whole sequence every step."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_lm
+from sample import generate, mix
+
+EOS, PAD, BETA = 0, 1, 0.1
+
+@torch.no_grad()
+def slow_generate(models, coefs, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature=1.0, generator=None):
+    """Reference: no cache; every step runs every model over prompt + response so far."""
+    B = prompt_ids.shape[0]
+    ids = torch.zeros(B, 0, dtype=torch.long)
+    mask = torch.zeros(B, 0, dtype=torch.long)
+    logps = torch.zeros(B, 0, dtype=torch.float64)
+    done = torch.zeros(B, dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        x = torch.cat([prompt_ids, ids], 1)
+        attn = torch.cat([prompt_mask, mask], 1)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        logits = [m(input_ids=x, attention_mask=attn, position_ids=pos).logits[:, -1] for m in models]
+        z = sum(c * F.log_softmax(h.double(), -1) for c, h in zip(coefs, logits))
+        lp = F.log_softmax(z / temperature if temperature > 0 else z, -1)
+        tok = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(-1) if temperature > 0 else lp.argmax(-1)
+        alive = ~done
+        ids = torch.cat([ids, torch.where(alive, tok, pad_id)[:, None]], 1)
+        mask = torch.cat([mask, alive.long()[:, None]], 1)
+        logps = torch.cat([logps, torch.where(alive, lp.gather(-1, tok[:, None]).squeeze(-1), 0.0)[:, None]], 1)
+        done |= tok == eos_id
+        if done.all():
+            break
+    return ids, mask, logps
+
+def left_padded(rows):
+    L = max(map(len, rows))
+    ids = torch.tensor([[PAD] * (L - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+PROMPTS = [[3, 4, 5, 6, 7], [8, 2], [5, 5, 9, 10], [11]]
+MIXES = {"vanilla": ((1.0,), 1), "pi+": ((1 + BETA, -BETA), 2), "pi-": ((1 - BETA, BETA), 2)}
+
+@pytest.mark.parametrize("name", list(MIXES))
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
+def test_cached_equals_uncached(name, temperature):
+    coefs, k = MIXES[name]
+    models = [tiny_lm(1), tiny_lm(2)][:k]
+    ids_p, mask_p = left_padded(PROMPTS)
+    a = generate(models, coefs, ids_p, mask_p, 20, EOS, PAD, temperature, torch.Generator().manual_seed(0))
+    b = slow_generate(models, coefs, ids_p, mask_p, 20, EOS, PAD, temperature, torch.Generator().manual_seed(0))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    torch.testing.assert_close(a[2], b[2], rtol=0, atol=1e-10)
+    assert a[1].sum() > len(PROMPTS)   # a real test: responses of more than one token
+
+def test_padding_does_not_change_a_response():
+    """Greedy decoding of a prompt alone equals its row in a left-padded batch of other prompts."""
+    models = [tiny_lm(1), tiny_lm(2)]
+    ids_p, mask_p = left_padded(PROMPTS)
+    batch = generate(models, (1 + BETA, -BETA), ids_p, mask_p, 12, EOS, PAD, temperature=0)
+    for i, p in enumerate(PROMPTS):
+        alone = generate(models, (1 + BETA, -BETA), torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), 12, EOS, PAD, 0)
+        L = int(alone[1].sum())
+        assert batch[0][i, :L].tolist() == alone[0][0, :L].tolist()
+        torch.testing.assert_close(batch[2][i, :L], alone[2][0, :L], rtol=0, atol=1e-10)
+
+def test_eos_masks_the_rest_and_stops_early():
+    models = [tiny_lm(3)]
+    ids_p, mask_p = left_padded(PROMPTS * 8)
+    ids, mask, logps = generate(models, (1.0,), ids_p, mask_p, 40, EOS, PAD, 1.0, torch.Generator().manual_seed(1))
+    for row, m, lp in zip(ids, mask, logps):
+        n = int(m.sum())
+        assert m[:n].all() and not m[n:].any()            # mask is a prefix
+        assert (row[n:] == PAD).all() and (lp[n:] == 0).all()
+        eos_at = (row[:n] == EOS).nonzero()
+        assert len(eos_at) <= 1 and (len(eos_at) == 0 or eos_at.item() == n - 1)   # EOS only last, and kept
+    ended = (ids == EOS).any(-1)
+    assert ended.any()
+    if ended.all():
+        assert ids.shape[1] < 40   # stopped as soon as every row was done
+
+class FixedLogits(torch.nn.Module):
+    """A mock LM whose next-token logits never depend on the input: for exact distribution checks."""
+    def __init__(self, logits):
+        super().__init__()
+        self.h = torch.tensor(logits, dtype=torch.float64)
+        self.calls = 0
+
+    def forward(self, input_ids, past_key_values=None, **kw):
+        self.calls += 1
+        B, T = input_ids.shape
+        return SimpleNamespace(logits=self.h.expand(B, T, -1), past_key_values=(past_key_values or 0) + 1)
+
+H_POL = [2.0, 0.5, -1.0, 1.0, 0.0]
+H_REF = [0.0, 1.0, 0.5, -0.5, 0.3]
+
+def test_mix_matches_the_paper_formula():
+    hp, hr = torch.tensor([H_POL]), torch.tensor([H_REF])
+    plus = mix([hp, hr], (1 + BETA, -BETA))
+    minus = mix([hp, hr], (1 - BETA, BETA))
+    torch.testing.assert_close(plus, F.log_softmax((1 + BETA) * hp - BETA * hr, -1))
+    torch.testing.assert_close(minus, F.log_softmax((1 - BETA) * hp + BETA * hr, -1))
+    # pi+- = pi * exp(+-r) renormalised, with r = beta*log(pi/pi_ref) (DESIGN.md, theory)
+    r = BETA * (F.log_softmax(hp, -1) - F.log_softmax(hr, -1))
+    torch.testing.assert_close(plus, F.log_softmax(F.log_softmax(hp, -1) + r, -1))
+    torch.testing.assert_close(minus, F.log_softmax(F.log_softmax(hp, -1) - r, -1))
+    torch.testing.assert_close(mix([hp], (1.0,), temperature=0.5), F.log_softmax(2 * hp, -1))
+
+def test_sampled_tokens_follow_the_mixed_distribution():
+    pol, ref = FixedLogits(H_POL), FixedLogits(H_REF)
+    N = 20000
+    ids, mask, _ = generate([pol, ref], (1 + BETA, -BETA), torch.full((N, 1), 3), torch.ones(N, 1, dtype=torch.long),
+                            1, eos_id=99, pad_id=PAD, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids[:, 0], minlength=5).double() / N
+    p = F.softmax((1 + BETA) * torch.tensor(H_POL) - BETA * torch.tensor(H_REF), -1)
+    assert (freq - p).abs().max() < 4 * (p * (1 - p) / N).sqrt().max()   # within 4 standard errors
+    assert pol.calls == 1 and ref.calls == 1   # one forward per model per token
