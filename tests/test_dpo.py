@@ -1,0 +1,56 @@
+"""DPO loss and sequence log-probs, against hand-computed values and token-by-token references."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_lm
+from dpo import dpo_loss, pair_logps, reward_metrics, sequence_logps
+from sample import generate
+from test_sample import EOS, PAD, PROMPTS, left_padded
+
+def test_loss_is_log2_when_policy_is_reference():
+    lp = torch.tensor([-3.0, -7.5, -0.2])
+    losses, cr, rr = dpo_loss(lp, lp + 1, lp, lp + 1, beta=0.1)
+    torch.testing.assert_close(losses, torch.full((3,), math.log(2)))
+    assert (cr == 0).all() and (rr == 0).all()
+
+def test_loss_hand_computed():
+    # beta = 0.5: chosen reward 0.5*(-1 - -2) = 0.5, rejected 0.5*(-3 - -2) = -0.5, margin 1
+    losses, cr, rr = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), 0.5)
+    assert abs(losses.item() - math.log(1 + math.exp(-1))) < 1e-6      # -log sigmoid(1) = 0.31326
+    assert cr.item() == 0.5 and rr.item() == -0.5
+    assert reward_metrics(cr, rr) == dict(acc=1.0, margin=1.0)
+
+def test_rewards_are_detached_and_loss_has_the_dpo_gradient():
+    pc = torch.tensor([-1.0], requires_grad=True)
+    losses, cr, _ = dpo_loss(pc, torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), 0.5)
+    assert not cr.requires_grad
+    losses.sum().backward()
+    # d/d pc of -log sigmoid(beta*(pc - ...)) = -beta * sigmoid(-margin) with margin 1
+    assert abs(pc.grad.item() - (-0.5 / (1 + math.e))) < 1e-6
+
+def test_sequence_logps_match_token_by_token_and_sampling():
+    """Scoring left-padded prompts with right-padded responses gives, for every row, the sum of
+    per-token log-probs computed on the unpadded sequence alone, and the log-probs the sampler
+    drew the tokens with (same positions)."""
+    model = tiny_lm(5)
+    ids_p, mask_p = left_padded(PROMPTS)
+    ids, mask, samp = generate([model], (1.0,), ids_p, mask_p, 10, EOS, PAD, 1.0, torch.Generator().manual_seed(3))
+    got = sequence_logps(model, ids_p, mask_p, ids, mask)
+    torch.testing.assert_close(got, samp.sum(-1), rtol=0, atol=1e-10)
+    for i, p in enumerate(PROMPTS):
+        r = ids[i, : int(mask[i].sum())].tolist()
+        logits = model(torch.tensor([p + r])).logits[0]
+        want = sum(F.log_softmax(logits[len(p) - 1 + t], -1)[tok] for t, tok in enumerate(r))
+        torch.testing.assert_close(got[i], want, rtol=0, atol=1e-10)
+
+def test_pair_logps_is_two_sequence_logps_in_one_forward():
+    model = tiny_lm(6)
+    ids_p, mask_p = left_padded(PROMPTS)
+    g = torch.Generator().manual_seed(4)
+    a, am, _ = generate([model], (1.0,), ids_p, mask_p, 6, EOS, PAD, 1.0, g)
+    b, bm, _ = generate([model], (1.0,), ids_p, mask_p, 9, EOS, PAD, 1.0, g)
+    pc, pr = pair_logps(model, ids_p, mask_p, a, am, b, bm, PAD)
+    torch.testing.assert_close(pc, sequence_logps(model, ids_p, mask_p, a, am), rtol=0, atol=1e-10)
+    torch.testing.assert_close(pr, sequence_logps(model, ids_p, mask_p, b, bm), rtol=0, atol=1e-10)

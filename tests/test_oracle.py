@@ -1,0 +1,53 @@
+"""The oracle: text in, re-tokenised with its own tokenizer, Bradley-Terry labels, label counting."""
+import math
+
+import torch
+from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+import world
+from oracle import Oracle
+
+def standin_reward_model(tmp_path, with_pad):
+    """A hub-style reward model saved to a folder: GPT-2 classifier, byte-level BPE tokenizer."""
+    tok = world._bpe_tokenizer(["customer : my lamp arrived broken . agent : sorry about that ."] * 50, 280)
+    if not with_pad:       # like many hub tokenizers (GPT-2's, Llama's): no pad token
+        tok.pad_token = None
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tok), n_positions=64, n_layer=1, n_head=2,
+                                                     n_embd=16, num_labels=1, pad_token_id=tok.pad_token_id))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    return world.load_oracle(str(tmp_path))
+
+PROMPTS = ["customer : my lamp arrived broken . agent :", "customer : hi . agent :", "customer : my lamp . agent :"]
+REPLIES = ["sorry about that .", "sorry about that . sorry about that . we will", "."]
+
+def test_batched_scores_equal_one_by_one(tmp_path):
+    """Right padding and masks from the tokenizer: a reply scores the same alone or in a padded batch."""
+    for with_pad in (True, False):
+        model, tok = standin_reward_model(tmp_path / str(with_pad), with_pad)
+        assert tok.pad_token is not None and tok.padding_side == "right"
+        o = Oracle(model, tok)
+        batch = o.score(PROMPTS, REPLIES)
+        alone = torch.cat([o.score([p], [r]) for p, r in zip(PROMPTS, REPLIES)])
+        torch.testing.assert_close(batch, alone, rtol=0, atol=1e-5)
+        assert batch.std() > 0
+
+def fixed_oracle(scores_a, scores_b):
+    o = Oracle(None, None)
+    calls = iter([torch.tensor(scores_a), torch.tensor(scores_b)])
+    o.score = lambda prompts, responses: next(calls)
+    return o
+
+def test_bradley_terry_labels_are_sigmoid_of_the_score_gap():
+    n, gap = 20000, 1.2
+    o = fixed_oracle([gap] * n, [0.0] * n)
+    a_wins, _, _ = o.label(["p"] * n, ["a"] * n, ["b"] * n, "bt", torch.Generator().manual_seed(0))
+    p = 1 / (1 + math.exp(-gap))                                  # 0.7685
+    assert abs(a_wins.float().mean().item() - p) < 4 * math.sqrt(p * (1 - p) / n)
+    assert o.labels == n and o.judged == 2 * n                   # every label counted
+
+def test_argmax_labels_prefer_the_higher_score():
+    o = fixed_oracle([0.1, 2.0, -1.0], [0.0, 3.0, -2.0])
+    a_wins, sa, sb = o.label(["p"] * 3, ["a"] * 3, ["b"] * 3, "argmax")
+    assert a_wins.tolist() == [True, False, True] and o.labels == 3
