@@ -1,0 +1,91 @@
+"""train.py end to end on the tiny world, and its one-line errors for bad input."""
+import json
+import os
+
+import pytest
+from datasets import Dataset, DatasetDict
+
+import train
+
+def world_args(d):
+    return ["--policy", os.path.join(d, "policy"), "--oracle", os.path.join(d, "oracle"), "--prompts", os.path.join(d, "prompts")]
+
+MICRO = ["--labels", "32", "--batch_size", "8", "--eval_every", "16", "--eval_prompts", "8", "--eval_samples", "1",
+         "--max_new_tokens", "12"]
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+def test_online_pilaf_run_writes_everything(tiny_world, tmp_path):
+    out = str(tmp_path / "run")
+    last = train.main(["--sampler", "pilaf", "--out", out] + MICRO + world_args(tiny_world))
+    metrics = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    pairs = read_jsonl(os.path.join(out, "pairs.jsonl"))
+    assert [m["labels"] for m in metrics] == [0, 16, 32] and [m["step"] for m in metrics] == [0, 2, 4]
+    assert metrics[0]["kl"] == pytest.approx(0, abs=1e-5)       # the policy starts as the reference
+    assert metrics[-1] == last and last["J"] == pytest.approx(last["reward"] - 0.1 * last["kl"])
+    assert len(pairs) == 32 and {p["chosen_src"] for p in pairs} <= {"pi", "pi+", "pi-"}
+    assert 2 <= last["fwd_per_pair"] <= 4 and last["judged_per_label"] == 2
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["sampler"] == "pilaf"
+    assert os.path.exists(os.path.join(out, "policy", "config.json"))
+    assert json.load(open(os.path.join(out, "summary.json"))) == last
+
+def test_iterative_starts_with_a_vanilla_round(tiny_world, tmp_path):
+    out = str(tmp_path / "run")
+    train.main(["--sampler", "hybrid", "--mode", "iterative", "--iterations", "2", "--out", out] + MICRO + world_args(tiny_world))
+    pairs = read_jsonl(os.path.join(out, "pairs.jsonl"))
+    assert {p["chosen_src"] for p in pairs if p["round"] == 0} == {"pi"}
+    assert {p["chosen_src"] for p in pairs if p["round"] == 1} <= {"pi", "pi_ref"}
+    assert any(p["chosen_src"] == "pi_ref" or p["rejected_src"] == "pi_ref" for p in pairs if p["round"] == 1)
+
+def test_same_seed_same_numbers(tiny_world, tmp_path):
+    runs = []
+    for k in range(2):
+        out = str(tmp_path / f"run{k}")
+        train.main(["--sampler", "best_of_n", "--n", "3", "--out", out] + MICRO + world_args(tiny_world))
+        runs.append([{k: v for k, v in m.items() if k not in ("time", "tok_per_s")}
+                     for m in read_jsonl(os.path.join(out, "metrics.jsonl"))])
+    assert runs[0] == runs[1]
+
+def bad(argv, capsys, match):
+    capsys.readouterr()   # only what train.py prints counts
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and match in err, err
+
+@pytest.mark.parametrize("argv,match", [
+    (["--sampler", "nope"], "invalid choice: 'nope'"),
+    (["--mode", "offline"], "invalid choice: 'offline'"),
+    (["--beta", "0"], "--beta must be > 0"),
+    (["--beta", "-0.1"], "--beta must be > 0"),
+    (["--labels", "0"], "--labels must be positive"),
+    (["--batch_size", "0"], "--batch_size must be positive"),
+    (["--labels", "30", "--batch_size", "8"], "multiple of --batch_size"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be positive"),
+])
+def test_bad_arguments_fail_in_one_line_before_any_work(argv, match, capsys, tmp_path):
+    out = str(tmp_path / "run")
+    bad(argv + ["--out", out, "--world", str(tmp_path / "world")], capsys, match)
+    assert not os.path.exists(out) and not os.path.exists(tmp_path / "world")
+
+def test_bad_models_and_data_fail_in_one_line(tiny_world, capsys, tmp_path):
+    out = str(tmp_path / "run")
+    w = world_args(tiny_world)
+    bad(["--out", out, "--max_new_tokens", "60"] + w, capsys, "lower --max_new_tokens to")
+    bad(["--out", out] + w + ["--policy", str(tmp_path / "missing")], capsys, "has no config.json")
+    bad(["--out", out] + w + ["--oracle", str(tmp_path)], capsys, "has no config.json")
+    bad(["--out", out] + w + ["--prompt_column", "text"], capsys, "no column 'text'")
+    assert not os.path.exists(out)
+    d = str(tmp_path / "hh")
+    DatasetDict(train=Dataset.from_dict({"chosen": ["x"]}), test=Dataset.from_dict({"chosen": ["y"]})).save_to_disk(d)
+    bad(["--out", out] + w + ["--prompts", d], capsys, "--prompt_column")
+
+def test_an_existing_run_is_never_overwritten_silently(tiny_world, capsys, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "pairs.jsonl").write_text('{"prompt": "paid for"}\n')
+    bad(["--out", str(out)] + world_args(tiny_world), capsys, "--overwrite")
+    assert (out / "pairs.jsonl").read_text() == '{"prompt": "paid for"}\n'

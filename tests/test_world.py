@@ -1,0 +1,92 @@
+"""The embedded world (ground truth, build, cache) and the loaders, on local stand-ins only."""
+import json
+import os
+
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+
+import world
+from conftest import TINY_WORLD
+
+P = "customer : my kettle is missing . agent :"
+FIX = "we will find the missing kettle ."
+
+@pytest.mark.parametrize("reply,want", [
+    (f"sorry about that . {FIX} your kettle matters to us . have a nice day .", 4.0),   # the best reply
+    (FIX, 2.0),
+    ("we will repair it so it is working again .", -1.0),                               # wrong fix
+    (f"that is not our problem . {FIX}", 0.0),                                           # rude
+    ("your lamp matters to us .", -0.5),                                                 # someone else's item
+    ("sorry about that . sorry about that .", 1.0),                                      # repeats earn nothing
+    ("hello . hello . hello . hello . hello . hello .", -0.6),                           # two sentences too many
+    ("sorry kettle . we will find the", -1.5),                                           # garbled, then cut off
+    ("", 0.0),
+])
+def test_true_reward_by_hand(reply, want):
+    assert world.true_reward(P, reply) == pytest.approx(want)
+
+def test_reference_replies_score_well_below_the_best():
+    import random
+    rng = random.Random(0)
+    rs = [world.true_reward(p, world.reference_reply(i, q, rng)) for p, i, q in world.all_prompts() * 20]
+    assert sum(rs) / len(rs) < 0.5 and max(rs) == 4.0
+
+def test_tiny_world_loads_like_hub_models(tiny_world):
+    policy, tok = world.load_policy(os.path.join(tiny_world, "policy"))
+    rm, rm_tok = world.load_oracle(os.path.join(tiny_world, "oracle"))
+    train, test = world.load_prompts(os.path.join(tiny_world, "prompts"))
+    assert type(policy).__name__ == "GPT2LMHeadModel" and tok.padding_side == "left"
+    assert type(rm).__name__ == "GPT2ForSequenceClassification" and rm_tok.padding_side == "right"
+    assert rm_tok.get_vocab() != tok.get_vocab()            # the oracle reads text with its own tokenizer
+    assert not set(train) & set(test) and len(train) + len(test) == len(world.all_prompts())
+    assert tok.decode(tok(P)["input_ids"]) == P              # the word-level tokenizer round-trips
+
+def test_build_is_deterministic(tiny_world, tmp_path):
+    world.build(str(tmp_path), TINY_WORLD)
+    for part in ("policy", "oracle"):
+        a = world.load_policy if part == "policy" else world.load_oracle
+        m1, _ = a(os.path.join(tiny_world, part))
+        m2, _ = a(str(tmp_path / part))
+        for (k, v), (_, w) in zip(m1.state_dict().items(), m2.state_dict().items()):
+            assert torch.equal(v, w), k
+
+def test_ensure_uses_the_cache_and_rebuilds_when_settings_change(tiny_world, monkeypatch):
+    built = []
+    monkeypatch.setattr(world, "build", lambda d, cfg: built.append(cfg))
+    assert world.ensure(tiny_world, TINY_WORLD) == tiny_world and built == []
+    world.ensure(tiny_world, dict(TINY_WORLD, seed=1))
+    assert built == [dict(TINY_WORLD, seed=1)]
+
+def test_vocabulary_mismatch_fails_clearly(tiny_world, tmp_path):
+    _, tok = world.load_policy(os.path.join(tiny_world, "policy"))
+    other = world._word_tokenizer(["a", "b"])
+    with pytest.raises(world.WorldError, match="same vocabulary"):
+        world.check_vocab(other, tok)
+
+def test_missing_folder_and_offline_hub_name_fail_clearly(tmp_path):
+    with pytest.raises(world.WorldError, match="no config.json"):
+        world.check_name("policy", str(tmp_path / "nope"))
+    with pytest.raises(world.WorldError, match="cannot load policy 'no-such-org/no-such-model'"):
+        world.check_name("policy", "no-such-org/no-such-model")
+
+def save_prompts(path, **splits):
+    DatasetDict({k: Dataset.from_dict(v) for k, v in splits.items()}).save_to_disk(str(path))
+    return str(path)
+
+def test_prompt_formats_hh_and_imdb(tmp_path):
+    hh = "\n\nHuman: my lamp broke\n\nAssistant: sorry!\n\nHuman: and now?\n\nAssistant: we will fix it"
+    d = save_prompts(tmp_path / "hh", train={"chosen": [hh]}, test={"chosen": [hh]})
+    train, _ = world.load_prompts(d, "chosen", "hh")
+    assert train == ["\n\nHuman: my lamp broke\n\nAssistant: sorry!\n\nHuman: and now?\n\nAssistant:"]
+    d = save_prompts(tmp_path / "imdb", train={"text": ["What a<br />film , truly one of the best I have seen"]},
+                     test={"text": ["Bad."]})
+    train, test = world.load_prompts(d, "text", "imdb")
+    assert train == ["What a film , truly one of the best"] and test == ["Bad."]
+
+def test_prompt_data_set_errors_name_the_fix(tmp_path):
+    d = save_prompts(tmp_path / "p", train={"text": ["a"]}, test={"text": ["b"]})
+    with pytest.raises(world.WorldError, match="no column 'prompt'.*--prompt_column"):
+        world.load_prompts(d)
+    with pytest.raises(world.WorldError, match="'valid' splits"):
+        world.load_prompts(d, "text", test_split="valid")

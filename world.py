@@ -1,0 +1,345 @@
+"""
+The world the algorithm runs in: a tokenizer, a reference policy, an oracle reward model and
+prompts. `build()` makes the embedded default offline (a tiny help-desk task), and the `load_*`
+functions open it, or any Hugging Face model / data set named on the command line, the same way.
+
+The embedded task. A customer writes in with a problem; the agent replies in a few short sentences:
+
+    customer : my kettle is missing . agent :  sorry about that . we will find the missing kettle .
+                                               your kettle matters to us . have a nice day .
+
+The hidden ground truth (`true_reward`) is what a careful human rater would score:
+    +2   offers the fix that matches the problem (broken → replace, wrong size → exchange,
+         missing → find, stopped working → repair, charged twice → refund)
+    -1   for each fix that does not match the problem
+    +1   apologises               -2  is rude ("that is not our problem .")
+    +0.5 mentions the customer's item  (-0.5 for mentioning some other item)
+    +0.5 closes politely
+    -0.5 for each garbled sentence, -0.3 for each sentence beyond four, -1 if cut off mid-sentence
+The best reply scores 4.0. The reference policy imitates agents who pick sentences at random
+(the right fix one time in five, now and then rude), so it scores far less: there is a real
+reward/KL trade-off and room for the samplers to differ. The oracle is a small neural reward model
+trained from this ground truth, with a tokenizer of its own, reached only through text — exactly
+like a hub reward model, including its mistakes.
+"""
+import hashlib
+import json
+import os
+import random
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer, GPT2Config, GPT2ForSequenceClassification,
+                          GPT2LMHeadModel, PreTrainedTokenizerFast)
+
+# -----------------------------------------------------------------------------
+# settings of the embedded world; changing any of them rebuilds it (the cache key is their hash)
+WORLD = dict(
+    version=1,          # bump when the task or the training code changes
+    seed=0,             # one seed for everything the build draws
+    test_frac=0.2,      # share of the prompts held out for evaluation
+    sft_examples=20000, # (prompt, reply) pairs the reference policy imitates
+    sft_epochs=2,       # passes over them
+    rm_examples=30000,  # scored replies the oracle reward model learns from
+    rm_epochs=3,        # passes over them
+    n_layer=2, n_head=4, n_embd=64,  # the policy: a GPT-2 this small runs a full DPO job in minutes
+    rm_layer=2, rm_embd=64,          # the oracle: a GPT-2 sequence classifier of the same size
+    rm_vocab=400,       # the oracle's own byte-level BPE vocabulary
+    batch_size=64, lr=3e-3,
+)
+DEFAULT_DIR = os.path.join(os.environ.get("PILAF_CACHE", os.path.expanduser("~/.cache/pilaf")), "world")
+
+class WorldError(Exception):
+    """Bad input the user can fix; train.py prints it on one line and exits with code 2."""
+
+# -----------------------------------------------------------------------------
+# the task: prompts, the reference's reply distribution, the hidden ground truth
+
+ITEMS = ["lamp", "kettle", "jacket", "phone", "chair", "blender", "backpack", "watch", "printer", "bike"]
+PROBLEMS = {  # problem -> (how the customer says it, the fix that solves it; they share a key word)
+    "broken":  ("my {item} arrived broken", "we will replace the broken {item} ."),
+    "size":    ("my {item} is the wrong size", "we will exchange it for the right size ."),
+    "missing": ("my {item} is missing", "we will find the missing {item} ."),
+    "dead":    ("my {item} stopped working", "we will repair it so it is working again ."),
+    "charged": ("i was charged twice for my {item}", "we will refund you for paying twice ."),
+}
+TEMPLATES = ["customer : {p} . agent :", "customer : hello , {p} . what now ? agent :", "customer : {p} ! agent :"]
+APOLOGY = ["sorry about that .", "we are very sorry ."]
+RUDE = ["that is not our problem ."]
+CLOSING = ["have a nice day .", "thank you for your patience ."]
+NEUTRAL = ["hello .", "let me check .", "please wait ."]
+MENTION = "your {item} matters to us ."
+
+def all_prompts():
+    return [(t.format(p=say.format(item=item)), item, prob)
+            for item in ITEMS for prob, (say, _) in PROBLEMS.items() for t in TEMPLATES]
+
+def parse_prompt(prompt):
+    """(item, problem) of a prompt of this task, or (None, None)."""
+    for item in ITEMS:
+        for prob, (say, _) in PROBLEMS.items():
+            if say.format(item=item) in prompt:
+                return item, prob
+    return None, None
+
+def sentences(item):
+    """Every sentence an agent of this task may say, about `item` where it names one."""
+    fixes = [fix.format(item=item) for _, fix in PROBLEMS.values()]
+    return APOLOGY + RUDE + CLOSING + NEUTRAL + fixes + [MENTION.format(item=i) for i in ITEMS]
+
+def true_reward(prompt, response):
+    """The hidden ground truth (see the module docstring). Only the oracle is trained on it."""
+    item, prob = parse_prompt(prompt)
+    chunks = response.split(".")
+    cut = bool(chunks.pop().strip())   # words after the last full stop: ran out of tokens mid-sentence
+    parts = [c.strip() + " ." for c in chunks]
+    said = set(parts)
+    right = PROBLEMS[prob][1].format(item=item) if prob else None
+    fixes = {fix.format(item=item) for _, fix in PROBLEMS.values()}
+    mentions = {MENTION.format(item=i) for i in ITEMS}
+    known = set(sentences(item))
+    r = 2.0 * (right in said) - 1.0 * len((said & fixes) - {right})
+    r += 1.0 * bool(said & set(APOLOGY)) - 2.0 * bool(said & set(RUDE))
+    r += 0.5 * (MENTION.format(item=item) in said) - 0.5 * bool(said & (mentions - {MENTION.format(item=item)}))
+    r += 0.5 * bool(said & set(CLOSING))
+    r -= 0.5 * sum(s not in known for s in parts) + 0.3 * max(0, len(parts) - 4) + 1.0 * cut
+    return r
+
+def reference_reply(item, problem, rng, skill=0.0):
+    """A reply as the imitated agents write it. skill=0: the reference's own distribution;
+    skill>0 tilts the choice toward good sentences and the right fix (only to show the oracle good replies)."""
+    n = rng.choice([1, 2, 2, 3, 3, 4, 5])
+    kinds = ["apology", "rude", "fix", "neutral", "mention", "closing"]
+    w = [0.22 + skill, 0.08 * (1 - skill), 0.3, 0.15 * (1 - skill), 0.1 + skill / 2, 0.15 + skill / 2]
+    out = []
+    for kind in rng.choices(kinds, weights=w, k=n):
+        if kind == "fix":
+            fix = PROBLEMS[problem][1] if rng.random() < skill else rng.choice([f for _, f in PROBLEMS.values()])
+            out.append(fix.format(item=item))
+        elif kind == "mention":
+            out.append(MENTION.format(item=item if rng.random() < 0.5 + skill / 2 else rng.choice(ITEMS)))
+        else:
+            out.append(rng.choice(dict(apology=APOLOGY, rude=RUDE, neutral=NEUTRAL, closing=CLOSING)[kind]))
+    return " ".join(out)
+
+def corrupt(reply, rng, words):
+    """Replies off the reference's path (the policy will wander there): drop, swap, repeat, cut."""
+    w = reply.split()
+    op = rng.randrange(5)
+    if op == 0 and len(w) > 1:
+        del w[rng.randrange(len(w))]
+    elif op == 1:
+        w.insert(rng.randrange(len(w) + 1), rng.choice(words))
+    elif op == 2:
+        s = reply.split(" . ")
+        w = " . ".join(s + [rng.choice(s)]).split()
+    elif op == 3:
+        w = w[: rng.randrange(1, len(w) + 1)]
+    else:
+        s = [x for x in reply.split(" .") if x.strip()]
+        rng.shuffle(s)
+        w = (" .".join(s) + " .").split()
+    return " ".join(w)
+
+# -----------------------------------------------------------------------------
+# building: tokenizers, the reference policy (SFT), the oracle (reward regression), prompts
+
+def _word_tokenizer(words):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {w: i for i, w in enumerate(["<|endoftext|>", "<pad>", "<unk>"] + sorted(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<pad>", unk_token="<unk>", padding_side="left")
+
+def _bpe_tokenizer(texts, vocab_size):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", padding_side="right")
+
+def _batches(n, bs, rng):
+    idx = list(range(n))
+    rng.shuffle(idx)
+    return [idx[i:i + bs] for i in range(0, n, bs)]
+
+def _train(model, steps_fn, n, cfg, rng, desc):
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    batches = [b for _ in range(cfg["epochs"]) for b in _batches(n, cfg["batch_size"], rng)]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / len(batches))
+    model.train()
+    for b in (bar := tqdm(batches, desc=desc, leave=False)):
+        loss = steps_fn(b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return loss.item()
+
+def build(out_dir, cfg=WORLD):
+    """Build the embedded world into out_dir (deterministic given cfg; a few minutes on 2 CPU cores)."""
+    torch.manual_seed(cfg["seed"])
+    rng = random.Random(cfg["seed"])
+    prompts = all_prompts()
+    rng.shuffle(prompts)
+    n_test = int(len(prompts) * cfg["test_frac"])
+    test, train = prompts[:n_test], prompts[n_test:]
+
+    # the policy's tokenizer: one token per word of the task
+    words = {w for p, _, _ in prompts for w in p.split()}
+    words |= {w for item in ITEMS for s in sentences(item) for w in s.split()}
+    tok = _word_tokenizer(words)
+
+    # the reference policy: a small GPT-2 fit to the imitated agents' replies (loss on replies only)
+    sft = [(p, reference_reply(item, prob, rng)) for p, item, prob in (rng.choice(train) for _ in range(cfg["sft_examples"]))]
+    policy = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_layer=cfg["n_layer"], n_head=cfg["n_head"],
+                                        n_embd=cfg["n_embd"], bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                                        pad_token_id=tok.pad_token_id))
+    p_ids = [tok(p)["input_ids"] for p, _ in sft]
+    r_ids = [tok(r)["input_ids"] + [tok.eos_token_id] for _, r in sft]
+
+    def sft_loss(b):
+        seqs = [p_ids[i] + r_ids[i] for i in b]
+        T = max(map(len, seqs))
+        ids = torch.tensor([s + [tok.pad_token_id] * (T - len(s)) for s in seqs])
+        labels = torch.tensor([[-100] * len(p_ids[i]) + r_ids[i] + [-100] * (T - len(p_ids[i]) - len(r_ids[i])) for i in b])
+        return policy(input_ids=ids, attention_mask=ids != tok.pad_token_id, labels=labels).loss
+
+    _train(policy, sft_loss, len(sft), dict(cfg, epochs=cfg["sft_epochs"]), rng, "world: reference policy")
+
+    # the oracle: a sequence classifier regressing the hidden reward, on replies from the reference,
+    # from better agents, and corrupted ones, so it still scores sensibly where DPO takes the policy
+    vocab = sorted(words)
+    rm_data = []
+    for _ in range(cfg["rm_examples"]):
+        p, item, prob = rng.choice(train)
+        r = reference_reply(item, prob, rng, skill=rng.choice([0.0, 0.0, 0.3, 0.6]))
+        if rng.random() < 0.3:
+            r = corrupt(r, rng, vocab)
+        rm_data.append((p, r, true_reward(p, r)))
+    rm_tok = _bpe_tokenizer([p + " " + r for p, r, _ in rm_data[:5000]], cfg["rm_vocab"])
+    rm_tok.model_max_length = 128   # long corrupted replies are cut, as a hub RM cuts at its context
+    rm = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(rm_tok), n_positions=rm_tok.model_max_length, n_layer=cfg["rm_layer"],
+                                                  n_head=cfg["n_head"], n_embd=cfg["rm_embd"], num_labels=1,
+                                                  pad_token_id=rm_tok.pad_token_id, bos_token_id=rm_tok.eos_token_id,
+                                                  eos_token_id=rm_tok.eos_token_id))
+    enc = rm_tok([p + " " + r for p, r, _ in rm_data], truncation=True)["input_ids"]
+    y = torch.tensor([s for _, _, s in rm_data])
+
+    def rm_loss(b):
+        x = rm_tok.pad({"input_ids": [enc[i] for i in b]}, return_tensors="pt")
+        return F.mse_loss(rm(**x).logits.squeeze(-1), y[b])
+
+    _train(rm, rm_loss, len(rm_data), dict(cfg, epochs=cfg["rm_epochs"]), rng, "world: oracle reward model")
+
+    from datasets import Dataset, DatasetDict
+    cols = lambda rows: {"prompt": [p for p, _, _ in rows], "item": [i for _, i, _ in rows], "problem": [q for _, _, q in rows]}
+    os.makedirs(out_dir, exist_ok=True)
+    policy.save_pretrained(os.path.join(out_dir, "policy"))
+    tok.save_pretrained(os.path.join(out_dir, "policy"))
+    rm.save_pretrained(os.path.join(out_dir, "oracle"))
+    rm_tok.save_pretrained(os.path.join(out_dir, "oracle"))
+    DatasetDict(train=Dataset.from_dict(cols(train)), test=Dataset.from_dict(cols(test))).save_to_disk(os.path.join(out_dir, "prompts"))
+    with open(os.path.join(out_dir, "world.json"), "w") as f:
+        json.dump(dict(settings=cfg, key=world_key(cfg)), f, indent=1)
+
+def world_key(cfg=WORLD):
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+def ensure(out_dir=DEFAULT_DIR, cfg=WORLD):
+    """The embedded world's folder, built first if missing or built from other settings."""
+    meta = os.path.join(out_dir, "world.json")
+    if os.path.exists(meta):
+        with open(meta) as f:
+            if json.load(f).get("key") == world_key(cfg):
+                return out_dir
+    print(f"building the embedded world in {out_dir} (once; cached afterwards)")
+    build(out_dir, cfg)
+    return out_dir
+
+# -----------------------------------------------------------------------------
+# loading: the same code for the embedded world's folders and for hub names
+
+def _load(what, name, fn):
+    try:
+        return fn(name)
+    except Exception as e:  # from_pretrained raises OSError, ValueError, HTTP errors... all mean "can't load"
+        where = "a folder with config.json" if os.path.isdir(name) else "a local folder, or download it first (no network here?)"
+        raise WorldError(f"cannot load {what} '{name}': {type(e).__name__}: {str(e).splitlines()[0][:200]} "
+                         f"-- pass {where}") from None
+
+def check_name(what, name):
+    """Fail early (before any weights are read) when a model folder is missing or unreadable."""
+    looks_local = name.startswith((".", "/", "~")) or os.path.exists(name)
+    if looks_local and not os.path.isfile(os.path.join(name, "config.json")):
+        raise WorldError(f"{what} folder '{name}' has no config.json -- pass a folder saved with save_pretrained, or a hub name")
+    return _load(what, name, AutoConfig.from_pretrained)
+
+def load_policy_tokenizer(name):
+    """Left padding for prompts; pad falls back to EOS (harmless: every mask here is explicit)."""
+    tok = _load("policy tokenizer", name, AutoTokenizer.from_pretrained)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+def load_policy(name, dtype=torch.float32):
+    """A causal LM (in eval mode: no dropout anywhere in this repo) and its tokenizer."""
+    model = _load("policy", name, lambda n: AutoModelForCausalLM.from_pretrained(n, dtype=dtype))
+    return model.eval(), load_policy_tokenizer(name)
+
+def load_oracle(name, dtype=torch.float32):
+    model = _load("oracle", name, lambda n: AutoModelForSequenceClassification.from_pretrained(n, dtype=dtype))
+    tok = _load("oracle tokenizer", name, AutoTokenizer.from_pretrained)
+    tok.padding_side = "right"
+    if tok.pad_token is None:   # a distinct pad id, so the classifier finds each row's last real token
+        tok.add_special_tokens({"pad_token": "<|pad|>"})
+        model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    return model.eval(), tok
+
+def check_vocab(policy_tok, ref_tok):
+    """pi± mix the two models' logits token by token, so the vocabularies must be the same."""
+    if policy_tok.get_vocab() != ref_tok.get_vocab():
+        raise WorldError("policy and reference tokenizers differ -- PILAF mixes their logits token by token, "
+                         "so start the policy from a checkpoint of the reference model (same vocabulary)")
+
+HH_SEP = "\n\nAssistant:"
+
+def _hh_prompt(text):
+    """Anthropic HH-RLHF stores whole dialogues; the prompt is everything up to the last assistant turn."""
+    return text[: text.rfind(HH_SEP) + len(HH_SEP)]
+
+def _imdb_prompt(text, n_words=8):
+    """IMDb reviews become prompts by keeping their first words (the classic sentiment task)."""
+    return " ".join(text.replace("<br />", " ").split()[:n_words])
+
+FORMATS = {"raw": lambda t: t, "hh": _hh_prompt, "imdb": _imdb_prompt}
+
+def load_prompts(name, column="prompt", fmt="raw", train_split="train", test_split="test"):
+    """(train prompts, test prompts) as lists of strings, from a saved DatasetDict folder or a hub name."""
+    import datasets
+    if fmt not in FORMATS:
+        raise WorldError(f"unknown prompt format '{fmt}' -- use one of {', '.join(FORMATS)}")
+    loader = datasets.load_from_disk if os.path.isdir(name) else datasets.load_dataset
+    ds = _load("prompt data set", name, loader)
+    if not isinstance(ds, datasets.DatasetDict) or train_split not in ds or test_split not in ds:
+        splits = list(ds) if isinstance(ds, datasets.DatasetDict) else "none"
+        raise WorldError(f"prompt data set '{name}' needs '{train_split}' and '{test_split}' splits (it has: {splits}) "
+                         f"-- save a DatasetDict with both, or pick them with --train_split/--test_split")
+    out = []
+    for split in (train_split, test_split):
+        if column not in ds[split].column_names:
+            raise WorldError(f"prompt data set '{name}' has no column '{column}' in split '{split}' "
+                             f"(columns: {', '.join(ds[split].column_names)}) -- pass --prompt_column")
+        out.append([FORMATS[fmt](t) for t in ds[split][column]])
+    return out
