@@ -11,9 +11,9 @@ prefer the higher score. Every label is counted: that count is the annotation bu
 import torch
 
 class Oracle:
-    def __init__(self, model, tokenizer, batch_size=64, max_length=1024):
+    def __init__(self, model, tokenizer, batch_size=64):
         self.model, self.tok = model, tokenizer
-        self.batch_size, self.max_length = batch_size, max_length
+        self.batch_size = batch_size
         self.labels = 0       # preference labels given (one per pair)
         self.judged = 0       # responses shown to the labeller (two per label; paper Table 1)
 
@@ -24,7 +24,7 @@ class Oracle:
         out = []
         for i in range(0, len(prompts), self.batch_size):
             texts = [p + " " + r for p, r in zip(prompts[i:i + self.batch_size], responses[i:i + self.batch_size])]
-            enc = self.tok(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(dev)
+            enc = self.tok(texts, padding=True, truncation=True, return_tensors="pt").to(dev)  # at model_max_length
             out.append(self.model(**enc).logits[:, 0].float().cpu())
         return torch.cat(out)
 

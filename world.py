@@ -26,6 +26,8 @@ import hashlib
 import json
 import os
 import random
+import shutil
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +40,13 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
 # -----------------------------------------------------------------------------
 # settings of the embedded world; changing any of them rebuilds it (the cache key is their hash)
 WORLD = dict(
-    version=1,          # bump when the task or the training code changes
+    version=2,          # bump when the task or the training code changes
     seed=0,             # one seed for everything the build draws
     test_frac=0.2,      # share of the prompts held out for evaluation
     sft_examples=20000, # (prompt, reply) pairs the reference policy imitates
     sft_epochs=2,       # passes over them
-    rm_examples=30000,  # scored replies the oracle reward model learns from
-    rm_epochs=3,        # passes over them
+    rm_examples=20000,  # scored replies the oracle reward model learns from
+    rm_epochs=6,        # passes over them (matching fix to problem is learnt late: fewer and it never is)
     n_layer=2, n_head=4, n_embd=64,  # the policy: a GPT-2 this small runs a full DPO job in minutes
     rm_layer=2, rm_embd=64,          # the oracle: a GPT-2 sequence classifier of the same size
     rm_vocab=400,       # the oracle's own byte-level BPE vocabulary
@@ -217,12 +219,18 @@ def build(out_dir, cfg=WORLD):
     _train(policy, sft_loss, len(sft), dict(cfg, epochs=cfg["sft_epochs"]), rng, "world: reference policy")
 
     # the oracle: a sequence classifier regressing the hidden reward, on replies from the reference,
-    # from better agents, and corrupted ones, so it still scores sensibly where DPO takes the policy
+    # from better agents, and corrupted ones, so it still scores sensibly where DPO takes the policy.
+    # Half the replies are shown under another complaint about the same item: the same words then
+    # score differently, which is what teaches a small model to match the fix to the problem.
+    # Like a hub reward model (or a human), it knows every kind of complaint, held-out prompts too;
+    # only the policy's training is restricted to the train split.
     vocab = sorted(words)
     rm_data = []
     for _ in range(cfg["rm_examples"]):
-        p, item, prob = rng.choice(train)
-        r = reference_reply(item, prob, rng, skill=rng.choice([0.0, 0.0, 0.3, 0.6]))
+        p, item, prob = rng.choice(prompts)
+        r = reference_reply(item, prob, rng, skill=rng.choice([0.0, 0.0, 0.25, 0.5, 0.75, 1.0]))
+        if rng.random() < 0.5:
+            p = rng.choice([q for q, i, _ in prompts if i == item])
         if rng.random() < 0.3:
             r = corrupt(r, rng, vocab)
         rm_data.append((p, r, true_reward(p, r)))
@@ -263,7 +271,14 @@ def ensure(out_dir=DEFAULT_DIR, cfg=WORLD):
             if json.load(f).get("key") == world_key(cfg):
                 return out_dir
     print(f"building the embedded world in {out_dir} (once; cached afterwards)")
-    build(out_dir, cfg)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".world-")   # built aside, then swapped in whole:
+    os.chmod(tmp, 0o755)
+    build(tmp, cfg)                                         # an interrupted build leaves no half world
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
     return out_dir
 
 # -----------------------------------------------------------------------------

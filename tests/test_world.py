@@ -1,6 +1,6 @@
 """The embedded world (ground truth, build, cache) and the loaders, on local stand-ins only."""
-import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -51,11 +51,13 @@ def test_build_is_deterministic(tiny_world, tmp_path):
         for (k, v), (_, w) in zip(m1.state_dict().items(), m2.state_dict().items()):
             assert torch.equal(v, w), k
 
-def test_ensure_uses_the_cache_and_rebuilds_when_settings_change(tiny_world, monkeypatch):
+def test_ensure_uses_the_cache_and_rebuilds_when_settings_change(tiny_world, monkeypatch, tmp_path):
+    d = str(tmp_path / "world")
+    shutil.copytree(tiny_world, d)
     built = []
-    monkeypatch.setattr(world, "build", lambda d, cfg: built.append(cfg))
-    assert world.ensure(tiny_world, TINY_WORLD) == tiny_world and built == []
-    world.ensure(tiny_world, dict(TINY_WORLD, seed=1))
+    monkeypatch.setattr(world, "build", lambda out, cfg: built.append(cfg))
+    assert world.ensure(d, TINY_WORLD) == d and built == []
+    world.ensure(d, dict(TINY_WORLD, seed=1))
     assert built == [dict(TINY_WORLD, seed=1)]
 
 def test_vocabulary_mismatch_fails_clearly(tiny_world, tmp_path):
@@ -82,7 +84,7 @@ def test_prompt_formats_hh_and_imdb(tmp_path):
     d = save_prompts(tmp_path / "imdb", train={"text": ["What a<br />film , truly one of the best I have seen"]},
                      test={"text": ["Bad."]})
     train, test = world.load_prompts(d, "text", "imdb")
-    assert train == ["What a film , truly one of the best"] and test == ["Bad."]
+    assert train == ["What a film , truly one of the"]   # the first 8 words and test == ["Bad."]
 
 def test_prompt_data_set_errors_name_the_fix(tmp_path):
     d = save_prompts(tmp_path / "p", train={"text": ["a"]}, test={"text": ["b"]})
