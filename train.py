@@ -225,7 +225,7 @@ def main(argv=None):
         rows = []
         for i in range(0, per_round, args.batch_size):
             B = min(args.batch_size, per_round - i)
-            if len(order) < B:
+            while len(order) < B:
                 order += rng.sample(train_prompts, len(train_prompts))
             texts, order = order[:B], order[B:]
             ids_p, mask_p = tokenize_prompts(tok, texts, args.device)

@@ -320,6 +320,9 @@ def load_oracle(name, dtype=torch.float32):
         tok.add_special_tokens({"pad_token": "<|pad|>"})
         model.resize_token_embeddings(len(tok))
     model.config.pad_token_id = tok.pad_token_id
+    n_ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if n_ctx:   # many tokenizers leave model_max_length unset (1e30): cut texts at the model's context
+        tok.model_max_length = min(tok.model_max_length, n_ctx)
     return model.eval(), tok
 
 def check_vocab(policy_tok, ref_tok):

@@ -6,6 +6,7 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 import train
+import world
 
 def world_args(d):
     return ["--policy", os.path.join(d, "policy"), "--oracle", os.path.join(d, "oracle"), "--prompts", os.path.join(d, "prompts")]
@@ -89,3 +90,30 @@ def test_an_existing_run_is_never_overwritten_silently(tiny_world, capsys, tmp_p
     (out / "pairs.jsonl").write_text('{"prompt": "paid for"}\n')
     bad(["--out", str(out)] + world_args(tiny_world), capsys, "--overwrite")
     assert (out / "pairs.jsonl").read_text() == '{"prompt": "paid for"}\n'
+
+def test_hub_style_models_and_hh_prompts(tiny_world, tmp_path):
+    """The real-model path on local stand-ins: a policy tokenizer without a pad token (like GPT-2's),
+    an oracle with its own tokenizer and no pad token, HH-RLHF-style dialogues as prompts."""
+    from test_oracle import standin_reward_model
+    policy, tok = world.load_policy(os.path.join(tiny_world, "policy"))
+    tok.pad_token = None
+    policy.save_pretrained(tmp_path / "gpt2-like")
+    tok.save_pretrained(tmp_path / "gpt2-like")
+    standin_reward_model(tmp_path / "rm", with_pad=False)
+    hh = ["\n\nHuman: customer : my lamp arrived broken .\n\nAssistant: agent : sorry",
+          "\n\nHuman: customer : my bike is missing !\n\nAssistant: agent : we will"]
+    prompts = str(tmp_path / "hh")
+    DatasetDict(train=Dataset.from_dict({"chosen": hh}), test=Dataset.from_dict({"chosen": hh[:1]})).save_to_disk(prompts)
+    out = str(tmp_path / "run")
+    last = train.main(["--policy", str(tmp_path / "gpt2-like"), "--oracle", str(tmp_path / "rm"), "--prompts", prompts,
+                       "--prompt_column", "chosen", "--prompt_format", "hh", "--out", out] + MICRO)
+    pairs = read_jsonl(os.path.join(out, "pairs.jsonl"))
+    assert len(pairs) == 32 and pairs[0]["prompt"].endswith("\n\nAssistant:")
+    assert last["labels"] == 32 and last["eos"] >= 0
+
+def test_init_from_another_vocabulary_fails_in_one_line(tiny_world, capsys, tmp_path):
+    from conftest import tiny_lm
+    other = tmp_path / "other"
+    tiny_lm(0).save_pretrained(other)
+    world._word_tokenizer(["a", "b"]).save_pretrained(other)
+    bad(["--out", str(tmp_path / "run"), "--init_from", str(other)] + world_args(tiny_world), capsys, "same vocabulary")
