@@ -160,11 +160,18 @@ def main(argv=None):
         train_prompts, test_prompts = world.load_prompts(args.prompts, args.prompt_column, args.prompt_format,
                                                          args.train_split, args.test_split)
         tok = world.load_policy_tokenizer(args.policy)
-        n_ctx = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
-        longest = max(len(tok(t)["input_ids"]) for t in train_prompts + test_prompts)
-        if n_ctx and longest + args.max_new_tokens > n_ctx:
-            raise world.WorldError(f"longest prompt ({longest} tokens) + --max_new_tokens ({args.max_new_tokens}) exceeds "
-                                   f"the policy's context ({n_ctx}) -- lower --max_new_tokens to {n_ctx - longest} or less")
+        n_ctx = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 10**9
+        lens = [list(map(len, tok(ps)["input_ids"])) for ps in (train_prompts, test_prompts)]
+        room = n_ctx - args.max_new_tokens          # longest prompt that leaves room for a full response
+        shortest = max(min(ls) for ls in lens)      # each split needs one prompt that fits
+        if shortest > room:
+            raise world.WorldError(f"--max_new_tokens {args.max_new_tokens} leaves no room for the prompts in the policy's "
+                                   f"context ({n_ctx} tokens) -- lower --max_new_tokens to {n_ctx - shortest} or less")
+        dropped = sum(n > room for ls in lens for n in ls)
+        if dropped:   # long dialogues (HH-RLHF) would overflow GPT-2's positions: leave them out, and say so
+            print(f"note: leaving out {dropped} prompts longer than {room} tokens (the context minus --max_new_tokens)")
+            train_prompts, test_prompts = ([p for p, n in zip(ps, ls) if n <= room]
+                                           for ps, ls in zip((train_prompts, test_prompts), lens))
         dtype = getattr(torch, args.dtype)
         ref, _ = world.load_policy(args.policy, dtype)
         if args.init_from:

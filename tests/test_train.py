@@ -111,6 +111,15 @@ def test_hub_style_models_and_hh_prompts(tiny_world, tmp_path):
     assert len(pairs) == 32 and pairs[0]["prompt"].endswith("\n\nAssistant:")
     assert last["labels"] == 32 and last["eos"] >= 0
 
+def test_prompts_too_long_for_the_context_are_left_out(tiny_world, tmp_path, capsys):
+    argv = ["--out", str(tmp_path / "run")] + MICRO + world_args(tiny_world)
+    argv[argv.index("--max_new_tokens") + 1] = "52"      # context 64: prompts of more than 12 tokens cannot fit
+    train.main(argv)
+    assert "note: leaving out" in capsys.readouterr().out
+    prompts = {p["prompt"] for p in read_jsonl(str(tmp_path / "run" / "pairs.jsonl"))}
+    _, tok = world.load_policy(os.path.join(tiny_world, "policy"))
+    assert prompts and max(len(tok(p)["input_ids"]) for p in prompts) <= 12
+
 def test_init_from_another_vocabulary_fails_in_one_line(tiny_world, capsys, tmp_path):
     from conftest import tiny_lm
     other = tmp_path / "other"
