@@ -1,0 +1,241 @@
+"""
+The comparison (paper Sec. 6, Table 2, Figures 2-3): every pair sampler, several seeds, one mode,
+identical budgets, in one command; then a table and two figures drawn from the run folders.
+
+    python compare.py --mode iterative                        # 4 samplers x 3 seeds -> out/compare-iterative/
+    python compare.py --mode online -- --labels 256           # anything after -- goes to every train.py run
+    python compare.py --mode online --out out/robust -- --init_from out/overfit/policy
+    python compare.py --mode iterative --only_report          # just read the finished runs again
+
+Each run is `python train.py --sampler S --mode M --seed X --out <out>/S-sX <args after -->`, one
+subprocess each, so a crash stays contained (its output goes to <out>/logs/S-sX.log). A run folder
+with summary.json is finished and never recomputed; one without it was interrupted and is rerun with
+--overwrite. Finished runs made with another budget are refused ("mismatched budgets"): a comparison
+is only fair when every sampler gets the same labels, steps, learning rate and beta.
+
+Writes <out>/results.md (Table 2's shape: final reward, KL and J = reward - beta*KL, mean +- std over
+seeds; Table 1's costs: labels, responses judged per label, sampling forwards per pair; and the
+labels each sampler needed to reach Vanilla's final J), <out>/reward_kl.png (reward vs KL, Figures
+2-3) and <out>/j_labels.png (J vs labels: annotation efficiency).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from tqdm import tqdm
+
+import train   # train.py's own parser gives each run's full config (defaults included) and checks the arguments
+from pilaf import SAMPLERS
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# the settings that make a comparison fair: every finished run in a folder must agree on all of them
+BUDGET_KEYS = ["labels", "batch_size", "iterations", "epochs", "lr", "beta", "max_new_tokens", "mode",
+               "temperature", "init_from", "label"]
+RESERVED = ["--sampler", "--mode", "--seed", "--out", "--overwrite"]   # compare.py sets these per run
+NAMES = {"vanilla": "Vanilla", "best_of_n": "Best-of-N", "hybrid": "Hybrid", "pilaf": "PILAF"}
+COLORS = {"vanilla": "tab:gray", "best_of_n": "tab:blue", "hybrid": "tab:green", "pilaf": "tab:red"}
+
+def die(msg):
+    """Bad input: one line, exit code 2 (like train.py and argparse)."""
+    print(f"compare.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+def get_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)   # after "--": train.py's own arguments
+    argv, extra = argv[:cut], argv[cut + 1:]
+    p = argparse.ArgumentParser(description="Run every sampler for several seeds with one budget; tabulate and plot.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="Arguments after -- are passed to every train.py run, e.g. -- --labels 256")
+    p.error = die
+    p.add_argument("--mode", default="online", choices=["online", "iterative"], help="online or iterative DPO")
+    p.add_argument("--samplers", nargs="+", default=["vanilla", "best_of_n", "hybrid", "pilaf"], choices=list(SAMPLERS),
+                   metavar="NAME", help=f"pair samplers to compare, from {list(SAMPLERS)}")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run per sampler per seed")
+    p.add_argument("--out", default=None, help="root folder of the runs; None: out/compare-<mode>")
+    p.add_argument("--only_report", action="store_true", help="train nothing: read the finished runs, write the report")
+    args = p.parse_args(argv)
+    args.extra = extra
+    args.out = args.out or os.path.join("out", f"compare-{args.mode}")
+    for a in extra:
+        if a.split("=")[0] in RESERVED:
+            die(f"{a.split('=')[0]} after -- is set by compare.py; use compare.py's own --mode / --samplers / --seeds / --out")
+    return args
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+def run_dir(out, sampler, seed):
+    return os.path.join(out, f"{sampler}-s{seed}")
+
+def check_budgets(args):
+    """Refuse before any work if finished runs disagree with each other or with this command.
+    -> the config the comparison uses (None if --only_report finds no finished run)"""
+    want = None
+    for s in args.samplers:
+        for seed in args.seeds:
+            d = run_dir(args.out, s, seed)
+            if not args.only_report:
+                want = vars(train.get_args(args.extra + ["--sampler", s, "--mode", args.mode, "--seed", str(seed),
+                                                         "--out", d, "--overwrite"]))
+            if not os.path.exists(os.path.join(d, "summary.json")):
+                continue
+            with open(os.path.join(d, "config.json")) as f:
+                have = json.load(f)
+            want = want or have     # --only_report: the first finished run sets the budget
+            online = want.get("mode") == "online"   # online DPO has no iterations and one pass: those keys do not matter
+            diff = [k for k in BUDGET_KEYS if have.get(k) != want.get(k) and not (online and k in ("iterations", "epochs"))]
+            if diff:
+                die(f"mismatched budgets: {d} was run with " + ", ".join(f"{k}={have.get(k)!r}" for k in diff) +
+                    " but this comparison uses " + ", ".join(f"{k}={want.get(k)!r}" for k in diff) +
+                    " -- pass the same arguments after --, or another --out")
+    return want
+
+def run_all(args):
+    """Train the missing runs, one subprocess each. -> names of the runs that failed"""
+    todo = [(s, seed) for seed in args.seeds for s in args.samplers
+            if not os.path.exists(os.path.join(run_dir(args.out, s, seed), "summary.json"))]
+    if not todo:
+        return []
+    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+    failed = []
+    bar = tqdm(todo, desc="compare", unit="run")
+    for s, seed in bar:
+        name = f"{s}-s{seed}"
+        bar.set_postfix_str(name)
+        cmd = [sys.executable, os.path.join(HERE, "train.py"), *args.extra, "--sampler", s, "--mode", args.mode,
+               "--seed", str(seed), "--out", run_dir(args.out, s, seed), "--overwrite"]
+        log = os.path.join(args.out, "logs", name + ".log")
+        with open(log, "w") as f:   # the log lives outside the run folder: --overwrite deletes that folder
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, TQDM_DISABLE="1")).returncode
+        if rc:
+            failed.append(name)
+            with open(log) as f:
+                tqdm.write(f"{name} failed (exit {rc}), see {log}:\n" + "".join(f.readlines()[-5:]))
+    return failed
+
+def load_runs(out, samplers, seeds):
+    """{sampler: [metrics list of each finished seed]}; unfinished or missing runs are left out."""
+    runs = {}
+    for s in samplers:
+        for seed in seeds:
+            d = run_dir(out, s, seed)
+            if os.path.exists(os.path.join(d, "summary.json")):
+                runs.setdefault(s, []).append(read_jsonl(os.path.join(d, "metrics.jsonl")))
+    return runs
+
+def mean_std(values):
+    """Mean and sample standard deviation (ddof=1; 0 for a single seed)."""
+    v = np.asarray(values, dtype=float)
+    return v.mean(), (v.std(ddof=1) if len(v) > 1 else 0.0)
+
+def mean_curve(seed_runs, key):
+    """Mean and std over seeds of `key` at each evaluation. Every seed evaluates at the same label
+    counts (the schedule is fixed by the budget), so evaluations are matched by position."""
+    n = min(len(m) for m in seed_runs)
+    v = np.array([[m[i][key] for i in range(n)] for m in seed_runs], dtype=float)   # (seeds, evals)
+    return v.mean(0), (v.std(0, ddof=1) if len(v) > 1 else np.zeros(n))
+
+def labels_to_reach(labels, J, target):
+    """Labels at which the mean J curve first reaches `target`, linearly interpolated between
+    evaluations; None if it never does."""
+    for i in range(len(J)):
+        if J[i] >= target:
+            if i == 0:
+                return float(labels[0])
+            return float(labels[i - 1] + (target - J[i - 1]) / (J[i] - J[i - 1]) * (labels[i] - labels[i - 1]))
+    return None
+
+def report(runs, beta=0.1):
+    """results.md: the paper's Table 2 (final reward, KL, J: mean +- std over seeds), Table 1's
+    costs, and the labels each sampler needed to reach Vanilla's final mean J."""
+    final = {s: {k: mean_std([m[-1][k] for m in r]) for k in ("reward", "kl", "J", "labels", "judged_per_label",
+                                                             "fwd_per_pair", "score_fwd_per_pair")} for s, r in runs.items()}
+    best = {"reward": max(final, key=lambda s: final[s]["reward"][0]), "kl": min(final, key=lambda s: final[s]["kl"][0]),
+            "J": max(final, key=lambda s: final[s]["J"][0])}
+    def cell(s, k, fmt):
+        m, sd = final[s][k]
+        txt = f"{m:{fmt}} ± {sd:{fmt}}"
+        return f"**{txt}**" if best.get(k) == s and len(final) > 1 else txt
+    lines = ["| Sampler | seeds | reward ↑ | KL ↓ | J = reward − β·KL ↑ | labels | judged / label | sampling fwd / pair |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s, r in runs.items():
+        f = final[s]
+        fwd = f"{f['fwd_per_pair'][0]:.2f}" + (f" (+{f['score_fwd_per_pair'][0]:.0f} scoring)" if f["score_fwd_per_pair"][0] else "")
+        lines.append(f"| {NAMES.get(s, s)} | {len(r)} | {cell(s, 'reward', '.3f')} | {cell(s, 'kl', '.2f')} | "
+                     f"{cell(s, 'J', '.3f')} | {f['labels'][0]:.0f} | {f['judged_per_label'][0]:.0f} | {fwd} |")
+    lines += ["", f"Final evaluation, mean ± std over seeds; β = {beta}. Paper Table 1 costs per labelled pair: "
+              "Vanilla 2, Best-of-N (N=8) 8 (+16 scoring passes), Hybrid 2, PILAF ≈3 sampling forwards; 2 responses "
+              "judged per label. (Iterative mode: the first round is Vanilla for every sampler, so averages sit lower.)"]
+    if "vanilla" in runs:
+        target = final["vanilla"]["J"][0]
+        lines += ["", f"## Annotation efficiency: labels needed to reach Vanilla's final mean J ({target:.3f})", ""]
+        for s, r in runs.items():
+            n = labels_to_reach(mean_curve(r, "labels")[0], mean_curve(r, "J")[0], target)
+            lines.append(f"- {NAMES.get(s, s)}: " + ("not reached" if n is None else f"{n:.0f} labels"))
+    return "\n".join(lines) + "\n"
+
+def plot_reward_kl(runs, path, beta=0.1):
+    """Reward vs KL, a point per evaluation (mean over seeds), like the paper's Figures 2-3. Dotted
+    lines are iso-J lines (reward - beta*KL = const): up and to the left is better; the big dot is
+    the final evaluation."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for s, r in runs.items():
+        kl, reward = mean_curve(r, "kl")[0], mean_curve(r, "reward")[0]
+        ax.plot(kl, reward, "o-", ms=3, color=COLORS.get(s), label=NAMES.get(s, s))
+        ax.plot(kl[-1], reward[-1], "o", ms=8, color=COLORS.get(s))   # the big dot: the end of training
+    x0, x1 = ax.get_xlim()
+    y0, y1 = ax.get_ylim()
+    for c in np.linspace(y0 - beta * x1, y1, 8):
+        ax.plot([x0, x1], [c + beta * x0, c + beta * x1], ":", color="0.7", lw=0.8, zorder=0)
+    ax.set(xlim=(x0, x1), ylim=(y0, y1), xlabel="KL(π ‖ π_ref)  [nats / response]", ylabel="oracle reward",
+           title="reward vs KL (mean over seeds; dotted: equal J)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+def plot_j_labels(runs, path):
+    """J vs labels used (mean +- std over seeds): annotation efficiency. Dashed: Vanilla's final J."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for s, r in runs.items():
+        x, (m, sd) = mean_curve(r, "labels")[0], mean_curve(r, "J")
+        ax.plot(x, m, "o-", ms=3, color=COLORS.get(s), label=NAMES.get(s, s))
+        ax.fill_between(x, m - sd, m + sd, color=COLORS.get(s), alpha=0.15, lw=0)
+    if "vanilla" in runs:
+        ax.axhline(mean_curve(runs["vanilla"], "J")[0][-1], ls="--", color=COLORS["vanilla"], lw=0.8)
+    ax.set(xlabel="preference labels used", ylabel="J = reward − β·KL", title="J vs labels (mean ± std over seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+def main(argv=None):
+    args = get_args(argv)
+    cfg = check_budgets(args)
+    failed = [] if args.only_report else run_all(args)
+    runs = load_runs(args.out, args.samplers, args.seeds)
+    if not runs:
+        die(f"no finished runs under {args.out} -- " + (f"every run failed, see {args.out}/logs" if failed
+                                                        else "run without --only_report first"))
+    beta = cfg["beta"]
+    text = report(runs, beta)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(f"# {cfg['mode']} DPO: {', '.join(NAMES.get(s, s) for s in runs)} ({args.out})\n\n" + text)
+    plot_reward_kl(runs, os.path.join(args.out, "reward_kl.png"), beta)
+    plot_j_labels(runs, os.path.join(args.out, "j_labels.png"))
+    print(text + f"\nwrote {args.out}/results.md, reward_kl.png, j_labels.png")
+    if failed:
+        print(f"compare.py: {len(failed)} run(s) failed: {' '.join(failed)} (logs in {args.out}/logs)", file=sys.stderr)
+        sys.exit(1)
+    return runs
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""compare.py: a micro comparison on the tiny world (resumable, contained), its one-line errors, and
+its statistics checked by hand on fabricated run folders."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import compare
+
+MICRO = ["--labels", "16", "--batch_size", "8", "--eval_every", "8", "--eval_prompts", "4", "--eval_samples", "1",
+         "--max_new_tokens", "10"]
+
+def world_args(d):
+    return ["--policy", os.path.join(d, "policy"), "--oracle", os.path.join(d, "oracle"), "--prompts", os.path.join(d, "prompts")]
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    # each train.py subprocess on one thread: two processes with two threads each on a 2-core
+    # machine slow the tiny models down by an order of magnitude
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+def mtimes(out):
+    return {d: os.path.getmtime(os.path.join(out, d, "summary.json")) for d in sorted(os.listdir(out))
+            if os.path.exists(os.path.join(out, d, "summary.json"))}
+
+def test_micro_comparison_resumes_and_reports(tiny_world, tmp_path, capsys):
+    out = str(tmp_path / "cmp")
+    argv = ["--samplers", "vanilla", "pilaf", "--seeds", "0", "1", "--out", out, "--"] + MICRO + world_args(tiny_world)
+    compare.main(argv)
+    text = open(os.path.join(out, "results.md")).read()
+    assert "| Vanilla | 2 |" in text and "| PILAF | 2 |" in text and "labels needed to reach Vanilla" in text
+    assert text.split("\n", 2)[2] in capsys.readouterr().out          # printed too
+    for png in ("reward_kl.png", "j_labels.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 1000
+    before = mtimes(out)
+    assert sorted(before) == ["pilaf-s0", "pilaf-s1", "vanilla-s0", "vanilla-s1"]
+    with open(os.path.join(out, "vanilla-s0", "config.json")) as f:
+        assert json.load(f)["labels"] == 16
+    # an interrupted run (no summary.json) is rerun; finished ones are not touched
+    os.remove(os.path.join(out, "pilaf-s1", "summary.json"))
+    compare.main(argv)
+    after = mtimes(out)
+    assert sorted(after) == sorted(before)
+    assert all(after[d] == before[d] for d in before if d != "pilaf-s1")
+    # --only_report reads the folders and trains nothing
+    compare.main(["--samplers", "vanilla", "pilaf", "--seeds", "0", "1", "--out", out, "--only_report"])
+    assert mtimes(out) == after
+
+def test_a_failing_run_is_contained(tiny_world, tmp_path, capsys):
+    out = str(tmp_path / "cmp")
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--samplers", "vanilla", "--seeds", "0", "--out", out, "--"] + MICRO + world_args(tiny_world) +
+                     ["--init_from", str(tmp_path / "missing")])
+    assert e.value.code == 2 and "every run failed" in capsys.readouterr().err
+    assert "has no config.json" in open(os.path.join(out, "logs", "vanilla-s0.log")).read()
+
+# ---- fabricated run folders: numbers checked by hand
+
+def fake_run(out, sampler, seed, J, labels=(0, 16, 32), budget=32):
+    d = os.path.join(out, f"{sampler}-s{seed}")
+    os.makedirs(d)
+    cfg = dict(sampler=sampler, seed=seed, mode="online", labels=budget, batch_size=8, iterations=4, epochs=2, lr=1e-3,
+               beta=0.1, max_new_tokens=10, temperature=1.0, init_from=None, label="bt")
+    k = dict(vanilla=1.0, hybrid=0.5, pilaf=1.5)[sampler]          # KL grows by k per evaluation
+    metrics = [dict(labels=n, J=j, kl=k * i, reward=j + 0.1 * k * i, fwd_per_pair=3.0 if sampler == "pilaf" else 2.0,
+                    score_fwd_per_pair=0.0, judged_per_label=2.0) for i, (n, j) in enumerate(zip(labels, J))]
+    for name, obj in (("config.json", cfg), ("summary.json", metrics[-1])):
+        with open(os.path.join(d, name), "w") as f:
+            json.dump(obj, f)
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in metrics)
+
+def test_statistics_by_hand(tmp_path):
+    assert compare.mean_std([0.4, 0.6]) == pytest.approx((0.5, np.sqrt(0.02)))     # sample std, ddof=1
+    assert compare.mean_std([0.7]) == (0.7, 0.0)
+    assert compare.labels_to_reach([0, 16, 32], [0.0, 0.4, 0.8], 0.5) == pytest.approx(20.0)
+    assert compare.labels_to_reach([0, 16, 32, 48], [0.0, 0.6, 0.2, 0.9], 0.5) == pytest.approx(16 * 5 / 6)  # first crossing
+    assert compare.labels_to_reach([0, 16, 32], [0.0, 0.4, 0.8], -1.0) == 0.0
+    assert compare.labels_to_reach([0, 16, 32], [0.0, 0.4, 0.8], 0.81) is None
+
+    out = str(tmp_path / "cmp")
+    fake_run(out, "vanilla", 0, [0.0, 0.2, 0.4])
+    fake_run(out, "vanilla", 1, [0.0, 0.4, 0.6])   # mean curve 0, 0.3, 0.5: final 0.500 +- 0.141
+    fake_run(out, "pilaf", 0, [0.0, 0.5, 0.9])
+    fake_run(out, "pilaf", 1, [0.0, 0.3, 0.7])     # mean curve 0, 0.4, 0.8: reaches 0.5 at 16 + 16/4 = 20 labels
+    fake_run(out, "hybrid", 0, [0.0, 0.1, 0.2])    # one seed: std 0, never reaches 0.5
+    compare.main(["--samplers", "vanilla", "hybrid", "pilaf", "--seeds", "0", "1", "--out", out, "--only_report"])
+    text = open(os.path.join(out, "results.md")).read()
+    assert "| Vanilla | 2 | 0.700 ± 0.141 | 2.00 ± 0.00 | 0.500 ± 0.141 | 32 | 2 | 2.00 |" in text
+    assert "| Hybrid | 1 | 0.300 ± 0.000 | **1.00 ± 0.00** | 0.200 ± 0.000 | 32 | 2 | 2.00 |" in text
+    assert "| PILAF | 2 | **1.100 ± 0.141** | 3.00 ± 0.00 | **0.800 ± 0.141** | 32 | 2 | 3.00 |" in text
+    assert "- Vanilla: 32 labels" in text and "- PILAF: 20 labels" in text and "- Hybrid: not reached" in text
+
+def test_bad_input_fails_in_one_line(tmp_path, capsys):
+    out = str(tmp_path / "cmp")
+    fake_run(out, "vanilla", 0, [0.0, 0.2, 0.4], budget=32)
+    fake_run(out, "vanilla", 1, [0.0, 0.2, 0.4], budget=64)
+
+    def bad(argv, match):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            compare.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and match in err, err
+
+    bad(["--samplers", "vanilla", "--seeds", "0", "--out", out, "--", "--labels", "64"], "mismatched budgets")
+    bad(["--samplers", "vanilla", "--seeds", "0", "1", "--out", out, "--only_report"], "mismatched budgets")
+    # online runs take no iterations and one pass: a different --epochs is no mismatch there ...
+    compare.main(["--samplers", "vanilla", "--seeds", "0", "--out", out, "--", "--labels", "32", "--batch_size", "8",
+                  "--lr", "1e-3", "--max_new_tokens", "10", "--epochs", "5"])
+    # ... but it is in iterative mode
+    bad(["--samplers", "vanilla", "--seeds", "0", "--out", out, "--mode", "iterative", "--", "--labels", "32",
+         "--batch_size", "8", "--lr", "1e-3", "--max_new_tokens", "10", "--epochs", "5"], "epochs=2")
+    bad(["--samplers", "vanilla", "nope", "--out", out], "invalid choice: 'nope'")
+    bad(["--out", out, "--", "--seed", "3"], "set by compare.py")
+    bad(["--out", str(tmp_path / "empty"), "--only_report"], "no finished runs")
+    assert not os.path.exists(os.path.join(out, "vanilla-s2"))
