@@ -66,6 +66,7 @@ def bad(argv, capsys, match):
     (["--batch_size", "0"], "--batch_size must be positive"),
     (["--labels", "30", "--batch_size", "8"], "multiple of --batch_size"),
     (["--max_new_tokens", "0"], "--max_new_tokens must be positive"),
+    (["--xpo_alpha", "0.1"], "applies to --sampler hybrid only"),
 ])
 def test_bad_arguments_fail_in_one_line_before_any_work(argv, match, capsys, tmp_path):
     out = str(tmp_path / "run")
@@ -83,6 +84,23 @@ def test_bad_models_and_data_fail_in_one_line(tiny_world, capsys, tmp_path):
     d = str(tmp_path / "hh")
     DatasetDict(train=Dataset.from_dict({"chosen": ["x"]}), test=Dataset.from_dict({"chosen": ["y"]})).save_to_disk(d)
     bad(["--out", out] + w + ["--prompts", d], capsys, "--prompt_column")
+
+def test_unreadable_model_folder_fails_in_one_line(tiny_world, capsys, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{ not json")
+    bad(["--out", str(tmp_path / "run")] + world_args(tiny_world) + ["--oracle", str(broken)], capsys, "cannot load oracle")
+
+def test_xpo_term_changes_the_hybrid_loss(tiny_world, tmp_path):
+    """XPO adds alpha * log pi(y_ref) to the loss; with alpha = 0 it is plain DPO (log 2 at the first step)."""
+    first = []
+    for alpha in ("0", "1"):
+        out = str(tmp_path / alpha)
+        train.main(["--sampler", "hybrid", "--xpo_alpha", alpha, "--out", out] + MICRO + world_args(tiny_world)
+                   + ["--labels", "8"])   # one DPO step, then the final evaluation logs its loss
+        first.append(read_jsonl(os.path.join(out, "metrics.jsonl"))[1]["loss"])
+    assert first[0] == pytest.approx(0.6931, abs=1e-3)     # one step on fresh pairs: policy == reference
+    assert first[1] < first[0] - 1                           # log pi(y_ref) of a whole response is many nats below 0
 
 def test_an_existing_run_is_never_overwritten_silently(tiny_world, capsys, tmp_path):
     out = tmp_path / "run"
