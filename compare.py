@@ -9,9 +9,9 @@ identical budgets, in one command; then a table and two figures drawn from the r
 
 Each run is `python train.py --sampler S --mode M --seed X --out <out>/S-sX <args after -->`, one
 subprocess each, so a crash stays contained (its output goes to <out>/logs/S-sX.log). A run folder
-with summary.json is finished and never recomputed; one without it was interrupted and is rerun with
---overwrite. Finished runs made with another budget are refused ("mismatched budgets"): a comparison
-is only fair when every sampler gets the same labels, steps, learning rate and beta.
+with summary.json is finished and never recomputed; one without it was interrupted: it is moved aside
+to <run>.interrupted-N (its labels were paid for) and run again. Finished runs made with another
+budget are refused ("mismatched budgets"): a comparison is only fair when every sampler gets the same labels, steps, learning rate and beta.
 
 Writes <out>/results.md (Table 2's shape: final reward, KL and J = reward - beta*KL, mean +- std over
 seeds; Table 1's costs: labels, responses judged per label, sampling forwards per pair; and the
@@ -36,7 +36,8 @@ from pilaf import SAMPLERS
 HERE = os.path.dirname(os.path.abspath(__file__))
 # the settings that make a comparison fair: every finished run in a folder must agree on all of them
 BUDGET_KEYS = ["labels", "batch_size", "iterations", "epochs", "lr", "beta", "max_new_tokens", "mode",
-               "temperature", "init_from", "label"]
+               "temperature", "init_from", "label", "n", "xpo_alpha", "eval_every", "eval_prompts", "eval_samples",
+               "prompt_column", "prompt_format", "dtype"]
 RESERVED = ["--sampler", "--mode", "--seed", "--out", "--overwrite"]   # compare.py sets these per run
 NAMES = {"vanilla": "Vanilla", "best_of_n": "Best-of-N", "hybrid": "Hybrid", "pilaf": "PILAF"}
 COLORS = {"vanilla": "tab:gray", "best_of_n": "tab:blue", "hybrid": "tab:green", "pilaf": "tab:red"}
@@ -110,10 +111,16 @@ def run_all(args):
     for s, seed in bar:
         name = f"{s}-s{seed}"
         bar.set_postfix_str(name)
+        d = run_dir(args.out, s, seed)
+        if os.path.exists(d):   # an interrupted run: its labels were paid for, so keep them aside
+            k = 1
+            while os.path.exists(f"{d}.interrupted-{k}"):
+                k += 1
+            os.rename(d, f"{d}.interrupted-{k}")
         cmd = [sys.executable, os.path.join(HERE, "train.py"), *args.extra, "--sampler", s, "--mode", args.mode,
-               "--seed", str(seed), "--out", run_dir(args.out, s, seed), "--overwrite"]
+               "--seed", str(seed), "--out", d]
         log = os.path.join(args.out, "logs", name + ".log")
-        with open(log, "w") as f:   # the log lives outside the run folder: --overwrite deletes that folder
+        with open(log, "w") as f:
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, TQDM_DISABLE="1")).returncode
         if rc:
             failed.append(name)

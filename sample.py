@@ -46,7 +46,8 @@ def generate(models, coefs, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad
     for _ in range(max_new_tokens):
         logits = []
         for i, m in enumerate(models):
-            out = m(input_ids=x, attention_mask=attn, position_ids=x_pos, past_key_values=caches[i], use_cache=True)
+            out = m(input_ids=x, attention_mask=attn, position_ids=x_pos, past_key_values=caches[i], use_cache=True,
+                    logits_to_keep=1)                   # only the last position is sampled from
             caches[i] = out.past_key_values
             logits.append(out.logits[:, -1])                # (B, V)
         lp = mix(logits, coefs, temperature)                # (B, V)

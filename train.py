@@ -93,6 +93,8 @@ def get_args(argv=None):
         die(f"--labels ({args.labels}) must be a multiple of --batch_size ({args.batch_size}) in online mode")
     if args.mode == "iterative" and args.labels % args.iterations:
         die(f"--labels ({args.labels}) must be a multiple of --iterations ({args.iterations})")
+    if args.device.startswith("cuda") and not torch.cuda.is_available() or args.device.split(":")[0] not in ("cpu", "cuda"):
+        die(f"--device {args.device} is not available here -- use --device cpu")
     if args.xpo_alpha and args.sampler != "hybrid":
         die("--xpo_alpha applies to --sampler hybrid only")
     args.out = args.out or os.path.join("out", f"{args.sampler}-{args.mode}-s{args.seed}")
@@ -128,8 +130,8 @@ def evaluate(policy, ref, tok, oracle, prompts, args):
     g = torch.Generator(args.device).manual_seed(args.seed + 12345)
     texts = prompts * args.eval_samples
     ids_p, mask_p = tokenize_prompts(tok, texts, args.device)
-    ids, mask, _ = generate([policy], [1.0], ids_p, mask_p, args.max_new_tokens, tok.eos_token_id,
-                            tok.pad_token_id, args.temperature, g)
+    # temperature 1 whatever --temperature is: reward and KL(pi || pi_ref) of the policy itself
+    ids, mask, _ = generate([policy], [1.0], ids_p, mask_p, args.max_new_tokens, tok.eos_token_id, tok.pad_token_id, 1.0, g)
     reward = oracle.score(texts, decode(tok, ids, mask))
     kl = (sequence_logps(policy, ids_p, mask_p, ids, mask) - sequence_logps(ref, ids_p, mask_p, ids, mask)).float().cpu()
     eos = ((ids == tok.eos_token_id) & mask.bool()).any(-1).float()
@@ -174,11 +176,9 @@ def main(argv=None):
                                            for ps, ls in zip((train_prompts, test_prompts), lens))
         dtype = getattr(torch, args.dtype)
         ref, _ = world.load_policy(args.policy, dtype)
-        if args.init_from:
-            policy, pol_tok = world.load_policy(args.init_from, dtype)
-            world.check_vocab(pol_tok, tok)
-        else:
-            policy, _ = world.load_policy(args.policy, dtype)
+        # the trained weights stay float32 (bf16 would round most AdamW steps away); bf16 = autocast below
+        policy, pol_tok = world.load_policy(args.init_from or args.policy)
+        world.check_vocab(pol_tok, tok)
         orm, orm_tok = world.load_oracle(args.oracle, dtype)
     except world.WorldError as e:
         die(str(e))
@@ -187,15 +187,14 @@ def main(argv=None):
     oracle = Oracle(orm.to(args.device), orm_tok)
     test_prompts = test_prompts[:args.eval_prompts]
 
-    # ---- the run folder: config first, then pairs and metrics as they come
-    if args.overwrite and os.path.isdir(args.out):
-        shutil.rmtree(args.out)
+    # ---- the run folder: config first, then pairs and metrics as they come (--overwrite replaces
+    # only a run's own files, never anything else in the folder)
     os.makedirs(args.out, exist_ok=True)
+    shutil.rmtree(os.path.join(args.out, "policy"), ignore_errors=True)
+    if os.path.exists(os.path.join(args.out, "summary.json")):
+        os.remove(os.path.join(args.out, "summary.json"))
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
-    pairs_f = open(os.path.join(args.out, "pairs.jsonl"), "a")
-    metrics_f = open(os.path.join(args.out, "metrics.jsonl"), "a")
-
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     gen = dict(max_new_tokens=args.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                temperature=args.temperature, generator=g_sample)
@@ -207,78 +206,83 @@ def main(argv=None):
     train_log = []          # (loss, acc, margin) of each DPO step since the last evaluation
     order = []              # shuffled training prompts, refilled when used up
 
-    def log(m):
-        m.update(step=stats["steps"], labels=oracle.labels, forwards=stats["forwards"],
-                 fwd_per_pair=stats["forwards"] / max(oracle.labels, 1),
-                 score_fwd_per_pair=stats["score_forwards"] / max(oracle.labels, 1),
-                 judged_per_label=oracle.judged / max(oracle.labels, 1),
-                 tok_per_s=stats["tokens"] / max(stats["sample_s"], 1e-9), time=time.time() - t0)
-        if train_log:
-            m.update({k: sum(x[k] for x in train_log) / len(train_log) for k in train_log[0]})
-            train_log.clear()
-        metrics_f.write(json.dumps(m) + "\n")
-        metrics_f.flush()
-        tqdm.write(f"step {m['step']:4d} | labels {m['labels']:5d} | reward {m['reward']:6.3f} | KL {m['kl']:6.2f} | "
-                   f"J {m['J']:6.3f} | acc {m.get('acc', float('nan')):.2f} | len {m['len']:5.1f} | {m['time']:5.0f}s")
-        return m
+    bf16 = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    with open(os.path.join(args.out, "pairs.jsonl"), "w") as pairs_f, \
+         open(os.path.join(args.out, "metrics.jsonl"), "w") as metrics_f, bf16:   # bf16: every forward, if asked
+        def log(m):
+            m.update(step=stats["steps"], labels=oracle.labels, forwards=stats["forwards"],
+                     fwd_per_pair=stats["forwards"] / max(oracle.labels, 1),
+                     score_fwd_per_pair=stats["score_forwards"] / max(oracle.labels, 1),
+                     judged_per_label=oracle.judged / max(oracle.labels, 1),
+                     tok_per_s=stats["tokens"] / max(stats["sample_s"], 1e-9), time=time.time() - t0)
+            if train_log:
+                m.update({k: sum(x[k] for x in train_log) / len(train_log) for k in train_log[0]})
+                train_log.clear()
+            metrics_f.write(json.dumps(m) + "\n")
+            metrics_f.flush()
+            tqdm.write(f"step {m['step']:4d} | labels {m['labels']:5d} | reward {m['reward']:6.3f} | KL {m['kl']:6.2f} | "
+                       f"J {m['J']:6.3f} | acc {m.get('acc', float('nan')):.2f} | len {m['len']:5.1f} | {m['time']:5.0f}s")
+            return m
 
-    last = log(evaluate(policy, ref, tok, oracle, test_prompts, args))
-    bar = tqdm(total=args.labels, desc=f"{args.sampler}/{args.mode}", unit="label")
-    for r in range(rounds):
-        # the paper's iterative protocol: the first round is Vanilla for every sampler
-        name = "vanilla" if (not online and r == 0) else args.sampler
-        sampler = partial(SAMPLERS[name], n=args.n) if name == "best_of_n" else SAMPLERS[name]
-        # ---- collect and label per_round pairs with the policy frozen
-        rows = []
-        for i in range(0, per_round, args.batch_size):
-            B = min(args.batch_size, per_round - i)
-            while len(order) < B:
-                order += rng.sample(train_prompts, len(train_prompts))
-            texts, order = order[:B], order[B:]
-            ids_p, mask_p = tokenize_prompts(tok, texts, args.device)
-            ts = time.time()
-            out = sampler(policy, ref, ids_p, mask_p, args.beta, gen)
-            stats["sample_s"] += time.time() - ts
-            stats["forwards"] += out["forwards"]
-            stats["score_forwards"] += out["score_forwards"]
-            stats["tokens"] += int(out["a_mask"].sum() + out["b_mask"].sum())
-            ta, tb = decode(tok, out["a"], out["a_mask"]), decode(tok, out["b"], out["b_mask"])
-            a_wins, sa, sb = oracle.label(texts, ta, tb, args.label, g_label)
-            pa, pb = unpad(out["a"], out["a_mask"]), unpad(out["b"], out["b_mask"])
-            for j, (prompt, w) in enumerate(zip(texts, a_wins.tolist())):
-                c, rj = (0, 1) if w else (1, 0)     # index into (a, b): chosen, rejected
-                pair = dict(round=r, step=stats["steps"], prompt=prompt, chosen=(ta[j], tb[j])[c], rejected=(ta[j], tb[j])[rj],
-                            chosen_src=out["src"][j][c], rejected_src=out["src"][j][rj],
-                            chosen_score=(sa[j], sb[j])[c].item(), rejected_score=(sa[j], sb[j])[rj].item())
-                pairs_f.write(json.dumps(pair) + "\n")
-                rows.append((unpad(ids_p[j:j + 1], mask_p[j:j + 1])[0], (pa[j], pb[j])[c], (pa[j], pb[j])[rj], pair["chosen_src"]))
-            pairs_f.flush()    # labels cost money: on disk before any training on them
-            bar.update(B)
-        # ---- DPO on this round's pairs
-        for _ in range(epochs):
-            rng.shuffle(rows)
-            for i in range(0, len(rows), args.batch_size):
-                batch = rows[i:i + args.batch_size]
-                prompt, prompt_m, ch, ch_m, rj, rj_m = collate([x[:3] for x in batch], tok.pad_token_id, args.device)
-                pc, pr = pair_logps(policy, prompt, prompt_m, ch, ch_m, rj, rj_m, tok.pad_token_id)
-                with torch.no_grad():
-                    rc, rr = pair_logps(ref, prompt, prompt_m, ch, ch_m, rj, rj_m, tok.pad_token_id)
-                losses, cr, rr_ = dpo_loss(pc, pr, rc, rr, args.beta)
-                loss = losses.mean()
-                if args.xpo_alpha:   # XPO: push down the log-likelihood of the reference's response
-                    from_ref = torch.tensor([x[3] == "pi_ref" for x in batch], device=pc.device)
-                    loss = loss + args.xpo_alpha * torch.where(from_ref, pc, pr).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-                opt.step()
-                stats["steps"] += 1
-                train_log.append(dict(loss=loss.item(), **reward_metrics(cr, rr_)))
-        if oracle.labels // args.eval_every > (oracle.labels - per_round) // args.eval_every or r == rounds - 1:
-            last = log(evaluate(policy, ref, tok, oracle, test_prompts, args))
-    bar.close()
-    pairs_f.close()
-    metrics_f.close()
+        last = log(evaluate(policy, ref, tok, oracle, test_prompts, args))
+        bar = tqdm(total=args.labels, desc=f"{args.sampler}/{args.mode}", unit="label")
+        for r in range(rounds):
+            # the paper's iterative protocol: the first round is Vanilla for every sampler
+            name = "vanilla" if (not online and r == 0) else args.sampler
+            sampler = partial(SAMPLERS[name], n=args.n) if name == "best_of_n" else SAMPLERS[name]
+            # ---- collect and label per_round pairs with the policy frozen
+            rows = []
+            for i in range(0, per_round, args.batch_size):
+                B = min(args.batch_size, per_round - i)
+                while len(order) < B:
+                    order += rng.sample(train_prompts, len(train_prompts))
+                texts, order = order[:B], order[B:]
+                ids_p, mask_p = tokenize_prompts(tok, texts, args.device)
+                ts = time.time()
+                out = sampler(policy, ref, ids_p, mask_p, args.beta, gen)
+                stats["sample_s"] += time.time() - ts
+                stats["forwards"] += out["forwards"]
+                stats["score_forwards"] += out["score_forwards"]
+                stats["tokens"] += int(out["a_mask"].sum() + out["b_mask"].sum())
+                ta, tb = decode(tok, out["a"], out["a_mask"]), decode(tok, out["b"], out["b_mask"])
+                a_wins, sa, sb = oracle.label(texts, ta, tb, args.label, g_label)
+                pa, pb = unpad(out["a"], out["a_mask"]), unpad(out["b"], out["b_mask"])
+                for j, (prompt, w) in enumerate(zip(texts, a_wins.tolist())):
+                    c, rj = (0, 1) if w else (1, 0)     # index into (a, b): chosen, rejected
+                    row = (unpad(ids_p[j:j + 1], mask_p[j:j + 1])[0], (pa[j], pb[j])[c], (pa[j], pb[j])[rj],
+                           out["src"][j][c], out["src"][j][rj])
+                    pair = dict(round=r, step=stats["steps"], prompt=prompt, chosen=(ta[j], tb[j])[c], rejected=(ta[j], tb[j])[rj],
+                                chosen_src=row[3], rejected_src=row[4],
+                                chosen_score=(sa[j], sb[j])[c].item(), rejected_score=(sa[j], sb[j])[rj].item(),
+                                prompt_ids=row[0], chosen_ids=row[1], rejected_ids=row[2])   # ids: exact reuse, EOS kept
+                    pairs_f.write(json.dumps(pair) + "\n")
+                    rows.append(row)
+                pairs_f.flush()    # labels cost money: on disk before any training on them
+                bar.update(B)
+            # ---- DPO on this round's pairs
+            for _ in range(epochs):
+                rng.shuffle(rows)
+                for i in range(0, len(rows), args.batch_size):
+                    batch = rows[i:i + args.batch_size]
+                    prompt, prompt_m, ch, ch_m, rj, rj_m = collate([x[:3] for x in batch], tok.pad_token_id, args.device)
+                    pc, pr = pair_logps(policy, prompt, prompt_m, ch, ch_m, rj, rj_m, tok.pad_token_id)
+                    with torch.no_grad():
+                        rc, rr = pair_logps(ref, prompt, prompt_m, ch, ch_m, rj, rj_m, tok.pad_token_id)
+                    losses, cr, rr_ = dpo_loss(pc, pr, rc, rr, args.beta)
+                    loss = losses.mean()
+                    if args.xpo_alpha:   # XPO: push down the log-likelihood of the reference's responses
+                        ref_c = torch.tensor([x[3] == "pi_ref" for x in batch], device=pc.device)
+                        ref_r = torch.tensor([x[4] == "pi_ref" for x in batch], device=pc.device)
+                        loss = loss + args.xpo_alpha * (pc * ref_c + pr * ref_r).mean()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+                    opt.step()
+                    stats["steps"] += 1
+                    train_log.append(dict(loss=loss.item(), **reward_metrics(cr, rr_)))
+            if oracle.labels // args.eval_every > (oracle.labels - per_round) // args.eval_every or r == rounds - 1:
+                last = log(evaluate(policy, ref, tok, oracle, test_prompts, args))
+        bar.close()
     policy.save_pretrained(os.path.join(args.out, "policy"))
     tok.save_pretrained(os.path.join(args.out, "policy"))
     with open(os.path.join(args.out, "summary.json"), "w") as f:   # written last: marks the run finished

@@ -270,6 +270,8 @@ def ensure(out_dir=DEFAULT_DIR, cfg=WORLD):
         with open(meta) as f:
             if json.load(f).get("key") == world_key(cfg):
                 return out_dir
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(meta):
+        raise WorldError(f"--world {out_dir} is a folder that holds no world -- pass an empty or new folder")
     print(f"building the embedded world in {out_dir} (once; cached afterwards)")
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
@@ -288,7 +290,8 @@ def _load(what, name, fn):
     try:
         return fn(name)
     except Exception as e:  # from_pretrained raises OSError, ValueError, HTTP errors... all mean "can't load"
-        where = "a folder with config.json" if os.path.isdir(name) else "a local folder, or download it first (no network here?)"
+        where = ("a folder written by save_pretrained / save_to_disk" if os.path.isdir(name)
+                 else "a local folder, or download it first (no network here?)")
         raise WorldError(f"cannot load {what} '{name}': {type(e).__name__}: {str(e).splitlines()[0][:200]} "
                          f"-- pass {where}") from None
 
@@ -319,7 +322,11 @@ def load_oracle(name, dtype=torch.float32):
     if tok.pad_token is None:   # a distinct pad id, so the classifier finds each row's last real token
         tok.add_special_tokens({"pad_token": "<|pad|>"})
         model.resize_token_embeddings(len(tok))
+    if model.config.num_labels != 1:
+        raise WorldError(f"oracle '{name}' has {model.config.num_labels} output labels -- a reward model gives one "
+                         f"score (num_labels=1); a classifier's class scores are not rewards")
     model.config.pad_token_id = tok.pad_token_id
+    tok.truncation_side = "left"   # a text too long for the oracle loses the prompt's start, not the response
     n_ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if n_ctx:   # many tokenizers leave model_max_length unset (1e30): cut texts at the model's context
         tok.model_max_length = min(tok.model_max_length, n_ctx)
@@ -335,6 +342,8 @@ HH_SEP = "\n\nAssistant:"
 
 def _hh_prompt(text):
     """Anthropic HH-RLHF stores whole dialogues; the prompt is everything up to the last assistant turn."""
+    if HH_SEP not in text:
+        raise WorldError(f"--prompt_format hh: a text has no {HH_SEP!r} turn -- use --prompt_format raw for plain prompts")
     return text[: text.rfind(HH_SEP) + len(HH_SEP)]
 
 def _imdb_prompt(text, n_words=8):
@@ -359,5 +368,9 @@ def load_prompts(name, column="prompt", fmt="raw", train_split="train", test_spl
         if column not in ds[split].column_names:
             raise WorldError(f"prompt data set '{name}' has no column '{column}' in split '{split}' "
                              f"(columns: {', '.join(ds[split].column_names)}) -- pass --prompt_column")
-        out.append([FORMATS[fmt](t) for t in ds[split][column]])
+        texts = ds[split][column]
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise WorldError(f"split '{split}' of '{name}' must hold a non-empty column of strings in '{column}' "
+                             f"-- pick a text column with --prompt_column")
+        out.append([FORMATS[fmt](t) for t in texts])
     return out

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import compare
+import train
 
 MICRO = ["--labels", "16", "--batch_size", "8", "--eval_every", "8", "--eval_prompts", "4", "--eval_samples", "1",
          "--max_new_tokens", "10"]
@@ -43,6 +44,7 @@ def test_micro_comparison_resumes_and_reports(tiny_world, tmp_path, capsys):
     after = mtimes(out)
     assert sorted(after) == sorted(before)
     assert all(after[d] == before[d] for d in before if d != "pilaf-s1")
+    assert os.path.getsize(os.path.join(out, "pilaf-s1.interrupted-1", "pairs.jsonl")) > 0   # its labels kept
     # --only_report reads the folders and trains nothing
     compare.main(["--samplers", "vanilla", "pilaf", "--seeds", "0", "1", "--out", out, "--only_report"])
     assert mtimes(out) == after
@@ -60,8 +62,8 @@ def test_a_failing_run_is_contained(tiny_world, tmp_path, capsys):
 def fake_run(out, sampler, seed, J, labels=(0, 16, 32), budget=32):
     d = os.path.join(out, f"{sampler}-s{seed}")
     os.makedirs(d)
-    cfg = dict(sampler=sampler, seed=seed, mode="online", labels=budget, batch_size=8, iterations=4, epochs=2, lr=1e-3,
-               beta=0.1, max_new_tokens=10, temperature=1.0, init_from=None, label="bt")
+    cfg = dict(vars(train.get_args(["--overwrite"])), sampler=sampler, seed=seed, mode="online", labels=budget, batch_size=8,
+               iterations=4, epochs=2, lr=1e-3, max_new_tokens=10)   # train.py's defaults for the rest
     k = dict(vanilla=1.0, hybrid=0.5, pilaf=1.5)[sampler]          # KL grows by k per evaluation
     metrics = [dict(labels=n, J=j, kl=k * i, reward=j + 0.1 * k * i, fwd_per_pair=3.0 if sampler == "pilaf" else 2.0,
                     score_fwd_per_pair=0.0, judged_per_label=2.0) for i, (n, j) in enumerate(zip(labels, J))]

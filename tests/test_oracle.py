@@ -1,6 +1,7 @@
 """The oracle: text in, re-tokenised with its own tokenizer, Bradley-Terry labels, label counting."""
 import math
 
+import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
@@ -32,6 +33,14 @@ def test_batched_scores_equal_one_by_one(tmp_path):
         alone = torch.cat([o.score([p], [r]) for p, r in zip(PROMPTS, REPLIES)])
         torch.testing.assert_close(batch, alone, rtol=0, atol=1e-5)
         assert batch.std() > 0
+
+def test_a_classifier_with_two_labels_is_refused(tmp_path):
+    tok = world._bpe_tokenizer(["a b c"] * 10, 270)
+    GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tok), n_positions=16, n_layer=1, n_head=2, n_embd=8,
+                                             num_labels=2, pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(world.WorldError, match="num_labels=1"):
+        world.load_oracle(str(tmp_path))
 
 def fixed_oracle(scores_a, scores_b):
     o = Oracle(None, None)

@@ -67,6 +67,7 @@ def bad(argv, capsys, match):
     (["--labels", "30", "--batch_size", "8"], "multiple of --batch_size"),
     (["--max_new_tokens", "0"], "--max_new_tokens must be positive"),
     (["--xpo_alpha", "0.1"], "applies to --sampler hybrid only"),
+    (["--device", "gpu"], "--device gpu is not available"),
 ])
 def test_bad_arguments_fail_in_one_line_before_any_work(argv, match, capsys, tmp_path):
     out = str(tmp_path / "run")

@@ -66,6 +66,12 @@ def test_vocabulary_mismatch_fails_clearly(tiny_world, tmp_path):
     with pytest.raises(world.WorldError, match="same vocabulary"):
         world.check_vocab(other, tok)
 
+def test_a_folder_that_is_not_a_world_is_never_replaced(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(world.WorldError, match="holds no world"):
+        world.ensure(str(tmp_path), TINY_WORLD)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
 def test_missing_folder_and_offline_hub_name_fail_clearly(tmp_path):
     with pytest.raises(world.WorldError, match="no config.json"):
         world.check_name("policy", str(tmp_path / "nope"))
@@ -87,6 +93,12 @@ def test_prompt_formats_hh_and_imdb(tmp_path):
     assert train == ["What a film , truly one of the"]   # the first 8 words and test == ["Bad."]
 
 def test_prompt_data_set_errors_name_the_fix(tmp_path):
+    d = save_prompts(tmp_path / "hh", train={"chosen": ["no turns here"]}, test={"chosen": ["b"]})
+    with pytest.raises(world.WorldError, match="--prompt_format raw"):
+        world.load_prompts(d, "chosen", "hh")
+    d = save_prompts(tmp_path / "ints", train={"text": [1, 2]}, test={"text": ["b"]})
+    with pytest.raises(world.WorldError, match="non-empty column of strings"):
+        world.load_prompts(d, "text")
     d = save_prompts(tmp_path / "p", train={"text": ["a"]}, test={"text": ["b"]})
     with pytest.raises(world.WorldError, match="no column 'prompt'.*--prompt_column"):
         world.load_prompts(d)
