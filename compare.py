@@ -180,7 +180,8 @@ def report(runs, beta=0.1):
                      f"{cell(s, 'J', '.3f')} | {f['labels'][0]:.0f} | {f['judged_per_label'][0]:.0f} | {fwd} |")
     lines += ["", f"Final evaluation, mean ± std over seeds; β = {beta}. Paper Table 1 costs per labelled pair: "
               "Vanilla 2, Best-of-N (N=8) 8 (+16 scoring passes), Hybrid 2, PILAF ≈3 sampling forwards; 2 responses "
-              "judged per label. (Iterative mode: the first round is Vanilla for every sampler, so averages sit lower.)"]
+              "judged per label. In iterative mode the first round is Vanilla for every sampler, so a sampler's "
+              "forwards per pair average between Vanilla's 2 and its own."]
     if "vanilla" in runs:
         target = final["vanilla"]["J"][0]
         lines += ["", f"## Annotation efficiency: labels needed to reach Vanilla's final mean J ({target:.3f})", ""]
