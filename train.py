@@ -162,7 +162,7 @@ def main(argv=None):
         train_prompts, test_prompts = world.load_prompts(args.prompts, args.prompt_column, args.prompt_format,
                                                          args.train_split, args.test_split)
         tok = world.load_policy_tokenizer(args.policy)
-        n_ctx = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 10**9
+        n_ctx = world.context_length(cfg) or 10**9
         lens = [list(map(len, tok(ps)["input_ids"])) for ps in (train_prompts, test_prompts)]
         room = n_ctx - args.max_new_tokens          # longest prompt that leaves room for a full response
         shortest = max(min(ls) for ls in lens)      # each split needs one prompt that fits

@@ -295,6 +295,10 @@ def _load(what, name, fn):
         raise WorldError(f"cannot load {what} '{name}': {type(e).__name__}: {str(e).splitlines()[0][:200]} "
                          f"-- pass {where}") from None
 
+def context_length(config):
+    """Positions a model can read (GPT-2 calls it n_positions, most others max_position_embeddings)."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
 def check_name(what, name):
     """Fail early (before any weights are read) when a model folder is missing or unreadable."""
     looks_local = name.startswith((".", "/", "~")) or os.path.exists(name)
@@ -327,7 +331,7 @@ def load_oracle(name, dtype=torch.float32):
                          f"score (num_labels=1); a classifier's class scores are not rewards")
     model.config.pad_token_id = tok.pad_token_id
     tok.truncation_side = "left"   # a text too long for the oracle loses the prompt's start, not the response
-    n_ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    n_ctx = context_length(model.config)
     if n_ctx:   # many tokenizers leave model_max_length unset (1e30): cut texts at the model's context
         tok.model_max_length = min(tok.model_max_length, n_ctx)
     return model.eval(), tok
