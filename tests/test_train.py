@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import torch
 from datasets import Dataset, DatasetDict
 
 import train
@@ -145,3 +146,14 @@ def test_init_from_another_vocabulary_fails_in_one_line(tiny_world, capsys, tmp_
     tiny_lm(0).save_pretrained(other)
     world._word_tokenizer(["a", "b"]).save_pretrained(other)
     bad(["--out", str(tmp_path / "run"), "--init_from", str(other)] + world_args(tiny_world), capsys, "same vocabulary")
+
+def test_bfloat16_runs_with_float32_policy_weights(tiny_world, tmp_path):
+    """--dtype bfloat16: reference and oracle in bf16, every forward under autocast, the trained weights
+    float32 (bf16 weights would round most AdamW steps away)."""
+    import math
+    out = str(tmp_path / "run")
+    last = train.main(["--dtype", "bfloat16", "--out", out] + MICRO + world_args(tiny_world))
+    assert all(math.isfinite(last[k]) for k in ("reward", "kl", "J", "loss"))
+    from transformers import AutoModelForCausalLM
+    saved = AutoModelForCausalLM.from_pretrained(os.path.join(out, "policy"), dtype="auto")   # the stored dtype
+    assert next(saved.parameters()).dtype == torch.float32
