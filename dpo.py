@@ -26,10 +26,20 @@ def sequence_logps(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
     lp = torch.gather(F.log_softmax(logits, dim=-1), 2, resp_ids[:, :, None]).squeeze(-1)  # (B, L)
     return (lp * resp_mask).sum(-1)
 
+def log_ratio(policy, ref, prompt_ids, prompt_mask, resp_ids, resp_mask):
+    """log pi(y|x) - log pi_ref(y|x) of whole responses (B,): beta times it is the implicit reward,
+    its mean over policy samples the sequence KL."""
+    return (sequence_logps(policy, prompt_ids, prompt_mask, resp_ids, resp_mask)
+            - sequence_logps(ref, prompt_ids, prompt_mask, resp_ids, resp_mask))
+
+def pad_to(x, L, value):
+    """Right-pad (B, L0) to (B, L)."""
+    return F.pad(x, (0, L - x.shape[1]), value=value)
+
 def pad_cat(a, b, value):
     """Stack two right-padded (B, L1), (B, L2) tensors into one (2B, max(L1, L2))."""
     L = max(a.shape[1], b.shape[1])
-    return torch.cat([F.pad(a, (0, L - a.shape[1]), value=value), F.pad(b, (0, L - b.shape[1]), value=value)])
+    return torch.cat([pad_to(a, L, value), pad_to(b, L, value)])
 
 def pair_logps(model, prompt_ids, prompt_mask, chosen, chosen_mask, rejected, rejected_mask, pad_id):
     """Log-probs of chosen and rejected responses from one concatenated forward. -> (B,), (B,)"""

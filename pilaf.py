@@ -24,17 +24,13 @@ Table 1 of the paper, sampling forwards per labelled pair: vanilla 2, best_of_n 
 pilaf 3 on average (a pi+- response steps both models: 4 for half the pairs, 2 for the other half).
 """
 import torch
-import torch.nn.functional as F
 
-from dpo import sequence_logps
+from dpo import log_ratio, pad_to
 from sample import generate
 
 def _rand(shape, g):
     """Uniform draws from the sampling generator (on its device, so CUDA generators work too)."""
     return torch.rand(shape, generator=g, device=g.device if g is not None else None).cpu()
-
-def _pad(x, L, value):
-    return F.pad(x, (0, L - x.shape[1]), value=value)
 
 def _rows(B, parts, pad_id):
     """Scatter sub-batches [(row index (n,), ids (n, L_i), mask (n, L_i))] into one (B, max L_i) batch."""
@@ -42,7 +38,7 @@ def _rows(B, parts, pad_id):
     ids = torch.full((B, L), pad_id, dtype=torch.long, device=parts[0][1].device)
     mask = torch.zeros((B, L), dtype=torch.long, device=ids.device)
     for rows, i, m in parts:
-        ids[rows], mask[rows] = _pad(i, L, pad_id), _pad(m, L, 0)
+        ids[rows], mask[rows] = pad_to(i, L, pad_id), pad_to(m, L, 0)
     return ids, mask
 
 def _twice(models, coefs, prompt_ids, prompt_mask, gen):
@@ -89,7 +85,7 @@ def best_of_n(policy, ref, prompt_ids, prompt_mask, beta, gen, n=8):
     p_ids, p_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)  # (B*n, P)
     ids, mask, _ = generate([policy], [1.0], p_ids, p_mask, **gen)                            # (B*n, L)
     with torch.no_grad():
-        r = beta * (sequence_logps(policy, p_ids, p_mask, ids, mask) - sequence_logps(ref, p_ids, p_mask, ids, mask))
+        r = beta * log_ratio(policy, ref, p_ids, p_mask, ids, mask)
     # rank within each prompt; a random order first breaks ties, so that even when every reward is
     # equal (policy == reference) top and bottom are two different candidates
     perm = torch.argsort(_rand((B, n), gen.get("generator")), dim=1).to(r.device)   # (B, n)

@@ -29,7 +29,7 @@ import transformers
 from tqdm import tqdm
 
 import world
-from dpo import dpo_loss, pair_logps, reward_metrics, sequence_logps
+from dpo import dpo_loss, log_ratio, pair_logps, reward_metrics
 from oracle import Oracle
 from pilaf import SAMPLERS
 from sample import generate
@@ -133,7 +133,7 @@ def evaluate(policy, ref, tok, oracle, prompts, args):
     # temperature 1 whatever --temperature is: reward and KL(pi || pi_ref) of the policy itself
     ids, mask, _ = generate([policy], [1.0], ids_p, mask_p, args.max_new_tokens, tok.eos_token_id, tok.pad_token_id, 1.0, g)
     reward = oracle.score(texts, decode(tok, ids, mask))
-    kl = (sequence_logps(policy, ids_p, mask_p, ids, mask) - sequence_logps(ref, ids_p, mask_p, ids, mask)).float().cpu()
+    kl = log_ratio(policy, ref, ids_p, mask_p, ids, mask).float().cpu()
     eos = ((ids == tok.eos_token_id) & mask.bool()).any(-1).float()
     m = dict(reward=reward.mean().item(), kl=kl.mean().item(), len=mask.sum(-1).float().mean().item(), eos=eos.mean().item())
     m["J"] = m["reward"] - args.beta * m["kl"]
