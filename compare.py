@@ -76,6 +76,10 @@ def read_jsonl(path):
 def run_dir(out, sampler, seed):
     return os.path.join(out, f"{sampler}-s{seed}")
 
+def train_argv(args, sampler, seed):
+    """The train.py arguments of one run of the comparison."""
+    return [*args.extra, "--sampler", sampler, "--mode", args.mode, "--seed", str(seed), "--out", run_dir(args.out, sampler, seed)]
+
 def check_budgets(args):
     """Refuse before any work if finished runs disagree with each other or with this command.
     -> the config the comparison uses (None if --only_report finds no finished run)"""
@@ -84,8 +88,7 @@ def check_budgets(args):
         for seed in args.seeds:
             d = run_dir(args.out, s, seed)
             if not args.only_report:
-                want = vars(train.get_args(args.extra + ["--sampler", s, "--mode", args.mode, "--seed", str(seed),
-                                                         "--out", d, "--overwrite"]))
+                want = vars(train.get_args(train_argv(args, s, seed) + ["--overwrite"]))
             if not os.path.exists(os.path.join(d, "summary.json")):
                 continue
             with open(os.path.join(d, "config.json")) as f:
@@ -117,8 +120,7 @@ def run_all(args):
             while os.path.exists(f"{d}.interrupted-{k}"):
                 k += 1
             os.rename(d, f"{d}.interrupted-{k}")
-        cmd = [sys.executable, os.path.join(HERE, "train.py"), *args.extra, "--sampler", s, "--mode", args.mode,
-               "--seed", str(seed), "--out", d]
+        cmd = [sys.executable, os.path.join(HERE, "train.py"), *train_argv(args, s, seed)]
         log = os.path.join(args.out, "logs", name + ".log")
         with open(log, "w") as f:
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, TQDM_DISABLE="1")).returncode
