@@ -206,9 +206,12 @@ def main(argv=None):
     train_log = []          # (loss, acc, margin) of each DPO step since the last evaluation
     order = []              # shuffled training prompts, refilled when used up
 
-    bf16 = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    # bf16: forwards under autocast, one fresh context per stage. Autocast keeps its bf16 copies of the
+    # weights until the outermost context exits, so one context around the whole run would make every
+    # forward read the initial weights while AdamW updates the float32 ones: a run that never learns.
+    amp = partial(torch.autocast, args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     with open(os.path.join(args.out, "pairs.jsonl"), "w") as pairs_f, \
-         open(os.path.join(args.out, "metrics.jsonl"), "w") as metrics_f, bf16:   # bf16: every forward, if asked
+         open(os.path.join(args.out, "metrics.jsonl"), "w") as metrics_f:
         def log(m):
             m.update(step=stats["steps"], labels=oracle.labels, forwards=stats["forwards"],
                      fwd_per_pair=stats["forwards"] / max(oracle.labels, 1),
@@ -224,7 +227,8 @@ def main(argv=None):
                        f"J {m['J']:6.3f} | acc {m.get('acc', float('nan')):.2f} | len {m['len']:5.1f} | {m['time']:5.0f}s")
             return m
 
-        last = log(evaluate(policy, ref, tok, oracle, test_prompts, args))
+        with amp():
+            last = log(evaluate(policy, ref, tok, oracle, test_prompts, args))
         bar = tqdm(total=args.labels, desc=f"{args.sampler}/{args.mode}", unit="label")
         for r in range(rounds):
             # the paper's iterative protocol: the first round is Vanilla for every sampler
@@ -239,7 +243,8 @@ def main(argv=None):
                 texts, order = order[:B], order[B:]
                 ids_p, mask_p = tokenize_prompts(tok, texts, args.device)
                 ts = time.time()
-                out = sampler(policy, ref, ids_p, mask_p, args.beta, gen)
+                with amp():
+                    out = sampler(policy, ref, ids_p, mask_p, args.beta, gen)
                 stats["sample_s"] += time.time() - ts
                 stats["forwards"] += out["forwards"]
                 stats["score_forwards"] += out["score_forwards"]
@@ -265,9 +270,10 @@ def main(argv=None):
                 for i in range(0, len(rows), args.batch_size):
                     batch = rows[i:i + args.batch_size]
                     prompt, prompt_m, ch, ch_m, rj, rj_m = collate([x[:3] for x in batch], tok.pad_token_id, args.device)
-                    pc, pr = pair_logps(policy, prompt, prompt_m, ch, ch_m, rj, rj_m, tok.pad_token_id)
-                    with torch.no_grad():
-                        rc, rr = pair_logps(ref, prompt, prompt_m, ch, ch_m, rj, rj_m, tok.pad_token_id)
+                    with amp():     # the forward only: backward runs outside, as autocast prescribes
+                        pc, pr = pair_logps(policy, prompt, prompt_m, ch, ch_m, rj, rj_m, tok.pad_token_id)
+                        with torch.no_grad():
+                            rc, rr = pair_logps(ref, prompt, prompt_m, ch, ch_m, rj, rj_m, tok.pad_token_id)
                     losses, cr, rr_ = dpo_loss(pc, pr, rc, rr, args.beta)
                     loss = losses.mean()
                     if args.xpo_alpha:   # XPO: push down the log-likelihood of the reference's responses
@@ -281,7 +287,8 @@ def main(argv=None):
                     stats["steps"] += 1
                     train_log.append(dict(loss=loss.item(), **reward_metrics(cr, rr_)))
             if oracle.labels // args.eval_every > (oracle.labels - per_round) // args.eval_every or r == rounds - 1:
-                last = log(evaluate(policy, ref, tok, oracle, test_prompts, args))
+                with amp():
+                    last = log(evaluate(policy, ref, tok, oracle, test_prompts, args))
         bar.close()
     policy.save_pretrained(os.path.join(args.out, "policy"))
     tok.save_pretrained(os.path.join(args.out, "policy"))

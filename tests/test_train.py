@@ -147,13 +147,25 @@ def test_init_from_another_vocabulary_fails_in_one_line(tiny_world, capsys, tmp_
     world._word_tokenizer(["a", "b"]).save_pretrained(other)
     bad(["--out", str(tmp_path / "run"), "--init_from", str(other)] + world_args(tiny_world), capsys, "same vocabulary")
 
-def test_bfloat16_runs_with_float32_policy_weights(tiny_world, tmp_path):
-    """--dtype bfloat16: reference and oracle in bf16, every forward under autocast, the trained weights
-    float32 (bf16 weights would round most AdamW steps away)."""
-    import math
-    out = str(tmp_path / "run")
-    last = train.main(["--dtype", "bfloat16", "--out", out] + MICRO + world_args(tiny_world))
-    assert all(math.isfinite(last[k]) for k in ("reward", "kl", "J", "loss"))
+def test_bfloat16_learns_like_float32(tiny_world, tmp_path):
+    """--dtype bfloat16 (reference and oracle in bf16, forwards under autocast, trained weights float32)
+    must move the policy as far from the reference as float32 does, seen both in the weights and in
+    what the forwards compute. The weight change alone would not catch a forward that keeps reading
+    stale bf16 copies of the initial weights (autocast caches its casts until its context exits): the
+    gradients still reach the float32 weights then, but KL stays 0."""
     from transformers import AutoModelForCausalLM
-    saved = AutoModelForCausalLM.from_pretrained(os.path.join(out, "policy"), dtype="auto")   # the stored dtype
-    assert next(saved.parameters()).dtype == torch.float32
+    ref = AutoModelForCausalLM.from_pretrained(os.path.join(tiny_world, "policy"))
+    moved = {}
+    for dtype in ("float32", "bfloat16"):
+        out = str(tmp_path / dtype)
+        argv = ["--dtype", dtype, "--lr", "3e-3", "--out", out] + MICRO + world_args(tiny_world)
+        argv[argv.index("--eval_samples") + 1] = "8"     # 64 evaluation samples: KL to about +-20%
+        last = train.main(argv)
+        saved = AutoModelForCausalLM.from_pretrained(os.path.join(out, "policy"), dtype="auto")   # the stored dtype
+        assert next(saved.parameters()).dtype == torch.float32
+        dw = sum((p - q).pow(2).sum() for p, q in zip(saved.parameters(), ref.parameters())).sqrt().item()
+        moved[dtype] = (last["kl"], dw)
+    (kl32, dw32), (kl16, dw16) = moved["float32"], moved["bfloat16"]
+    assert kl32 > 0.2, moved                       # float32 moved the policy measurably
+    assert 0.5 < kl16 / kl32 < 2, moved            # bf16 as far, in what its forwards see
+    assert 0.8 < dw16 / dw32 < 1.25, moved         # and in the weights
