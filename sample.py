@@ -30,7 +30,8 @@ def generate(models, coefs, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad
              temperature=1.0, generator=None):
     """Sample responses to a left-padded batch of prompts from the mix of `models` with weights `coefs`.
 
-    prompt_ids, prompt_mask: (B, P), left-padded. temperature=0 decodes greedily.
+    prompt_ids, prompt_mask: (B, P), left-padded. temperature=0 decodes greedily. eos_id: one id, or a
+    list of ids that each end a response (Llama-3 instruct models end a turn with <|eot_id|> or <|end_of_text|>).
     Returns ids (B, L) (pad_id after a row's EOS), mask (B, L) (1 on response tokens, EOS included)
     and logps (B, L): log-prob of each token under the distribution it was drawn from (0 where masked).
     """
@@ -42,6 +43,7 @@ def generate(models, coefs, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad
     x = prompt_ids                                          # what the models read this step
     x_pos = (attn.cumsum(-1) - 1).clamp(min=0)              # (B, P) the prompt's positions
     done = torch.zeros(B, dtype=torch.bool, device=dev)
+    eos = torch.tensor(eos_id, device=dev).view(-1)         # (E,) every id that ends a response
     ids, mask, logps = [], [], []
     for _ in range(max_new_tokens):
         logits = []
@@ -59,7 +61,7 @@ def generate(models, coefs, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad
         ids.append(torch.where(alive, tok, pad_id))
         mask.append(alive.long())
         logps.append(torch.where(alive, lp.gather(-1, tok[:, None]).squeeze(-1), 0.0))
-        done = done | (tok == eos_id)
+        done = done | torch.isin(tok, eos)
         if done.all():
             break
         # feed the new token; a finished row's filler token is masked out and never read again

@@ -82,6 +82,19 @@ def test_eos_masks_the_rest_and_stops_early():
     if ended.all():
         assert ids.shape[1] < 40   # stopped as soon as every row was done
 
+def test_any_of_several_eos_ids_ends_a_response():
+    """A list of EOS ids (Llama-3's generation config has two): each one ends its row, kept as the last token."""
+    models = [tiny_lm(3)]
+    ids_p, mask_p = left_padded(PROMPTS * 8)
+    ids, mask, _ = generate(models, (1.0,), ids_p, mask_p, 40, [EOS, 7], PAD, 1.0, torch.Generator().manual_seed(1))
+    ends = set()
+    for row, m in zip(ids, mask):
+        n = int(m.sum())
+        stops = [k for k in range(n) if row[k].item() in (EOS, 7)]
+        assert stops in ([], [n - 1])        # an EOS id only as the last token, and the row stops there
+        ends |= {row[n - 1].item()} if stops else set()
+    assert ends == {EOS, 7}                  # both ids did end responses
+
 class FixedLogits(torch.nn.Module):
     """A mock LM whose next-token logits never depend on the input: for exact distribution checks."""
     def __init__(self, logits):
