@@ -19,11 +19,14 @@ def sequence_logps(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
     ids = torch.cat([prompt_ids, resp_ids], dim=1)                 # (B, P+L)
     attn = torch.cat([prompt_mask, resp_mask], dim=1).long()       # (B, P+L)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
-    P = prompt_ids.shape[1]
-    logits = logits[:, P - 1:-1]                                   # (B, L, V) predicts each response token
+    L = resp_ids.shape[1]
+    # Only the last L+1 positions reach the LM head (the prompt's last token predicts the first
+    # response token; the final position predicts nothing): at a 50k vocabulary the prompt's logits
+    # would be most of the step's memory, and no token of the prompt is scored.
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=L + 1).logits[:, :-1]  # (B, L, V)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    lp = torch.gather(F.log_softmax(logits, dim=-1), 2, resp_ids[:, :, None]).squeeze(-1)  # (B, L)
+    # log softmax at the response tokens only: gathered logit - logsumexp, no second (B, L, V) tensor
+    lp = logits.gather(2, resp_ids[:, :, None]).squeeze(-1) - logits.logsumexp(-1)   # (B, L)
     return (lp * resp_mask).sum(-1)
 
 def log_ratio(policy, ref, prompt_ids, prompt_mask, resp_ids, resp_mask):
@@ -32,20 +35,14 @@ def log_ratio(policy, ref, prompt_ids, prompt_mask, resp_ids, resp_mask):
     return (sequence_logps(policy, prompt_ids, prompt_mask, resp_ids, resp_mask)
             - sequence_logps(ref, prompt_ids, prompt_mask, resp_ids, resp_mask))
 
-def pad_to(x, L, value):
-    """Right-pad (B, L0) to (B, L)."""
-    return F.pad(x, (0, L - x.shape[1]), value=value)
+def pair_logps(model, prompt_ids, prompt_mask, chosen, chosen_mask, rejected, rejected_mask):
+    """Log-probs of chosen and rejected responses to the same prompts. -> (B,), (B,)
 
-def pad_cat(a, b, value):
-    """Stack two right-padded (B, L1), (B, L2) tensors into one (2B, max(L1, L2))."""
-    L = max(a.shape[1], b.shape[1])
-    return torch.cat([pad_to(a, L, value), pad_to(b, L, value)])
-
-def pair_logps(model, prompt_ids, prompt_mask, chosen, chosen_mask, rejected, rejected_mask, pad_id):
-    """Log-probs of chosen and rejected responses from one concatenated forward. -> (B,), (B,)"""
-    lp = sequence_logps(model, torch.cat([prompt_ids, prompt_ids]), torch.cat([prompt_mask, prompt_mask]),
-                        pad_cat(chosen, rejected, pad_id), pad_cat(chosen_mask, rejected_mask, 0))
-    return lp.chunk(2)
+    Two forwards rather than one over the 2B rows stacked: bench.py (d) measures the same time and
+    0.77x the peak memory at GPT-2's vocabulary, since each (B, L, V) block of logits and its
+    logsumexp exists for half the rows at a time, and neither response is padded to the other's length."""
+    return (sequence_logps(model, prompt_ids, prompt_mask, chosen, chosen_mask),
+            sequence_logps(model, prompt_ids, prompt_mask, rejected, rejected_mask))
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
     """Per-example DPO losses (B,), and the implicit rewards of chosen and rejected (B,), detached."""

@@ -17,65 +17,54 @@ beta*log(pi/pi_ref)). PILAF gives each half of the mixture probability 1/2.
 
 Every sampler has the same signature and returns a dict:
     a, a_mask, b, b_mask  (B, L) response ids and masks, right-padded
+    a_logps, b_logps      (B, L) each token's log-prob under the distribution it was drawn from
+                          (for forks: importance weights, an exact T-PILAF, ...)
     src                   [(source of a, source of b)] per prompt, e.g. ("pi+", "pi-")
     forwards              sampling cost: for each response, the number of models stepped to decode it
     score_forwards        extra teacher-forced passes (Best-of-N's ranking)
 Table 1 of the paper, sampling forwards per labelled pair: vanilla 2, best_of_n 8 (N=8), hybrid 2,
 pilaf 3 on average (a pi+- response steps both models: 4 for half the pairs, 2 for the other half).
+Each sampler makes its whole batch in one decode loop (sample.generate with a mix per row), so the
+wall time follows those forward counts rather than the number of distinct mixes.
 """
 import torch
 
-from dpo import log_ratio, pad_to
+from dpo import log_ratio
 from sample import generate
 
 def _rand(shape, g):
     """Uniform draws from the sampling generator (on its device, so CUDA generators work too)."""
     return torch.rand(shape, generator=g, device=g.device if g is not None else None).cpu()
 
-def _rows(B, parts, pad_id):
-    """Scatter sub-batches [(row index (n,), ids (n, L_i), mask (n, L_i))] into one (B, max L_i) batch."""
-    L = max(ids.shape[1] for _, ids, _ in parts)
-    ids = torch.full((B, L), pad_id, dtype=torch.long, device=parts[0][1].device)
-    mask = torch.zeros((B, L), dtype=torch.long, device=ids.device)
-    for rows, i, m in parts:
-        ids[rows], mask[rows] = pad_to(i, L, pad_id), pad_to(m, L, 0)
-    return ids, mask
-
-def _twice(models, coefs, prompt_ids, prompt_mask, gen):
-    """Two independent responses per prompt from the same mix, in one decode. -> (ids, mask) x 2"""
-    ids, mask, _ = generate(models, coefs, prompt_ids.repeat(2, 1), prompt_mask.repeat(2, 1), **gen)
+def _pairs(models, weights, prompt_ids, prompt_mask, src, forwards, gen):
+    """Decode a and b for every prompt in one loop: rows 0..B-1 are the a responses, rows B..2B-1 the
+    b responses, row i mixing `models` with weights[i] (2B, M)."""
     B = prompt_ids.shape[0]
-    return (ids[:B], mask[:B]), (ids[B:], mask[B:])
-
-def _out(a, b, src, forwards, score_forwards=0):
-    return dict(a=a[0], a_mask=a[1], b=b[0], b_mask=b[1], src=src, forwards=forwards, score_forwards=score_forwards)
+    ids, mask, logps = generate(models, weights, prompt_ids.repeat(2, 1), prompt_mask.repeat(2, 1), **gen)
+    return dict(a=ids[:B], a_mask=mask[:B], a_logps=logps[:B], b=ids[B:], b_mask=mask[B:], b_logps=logps[B:],
+                src=src, forwards=forwards, score_forwards=0)
 
 def vanilla(policy, ref, prompt_ids, prompt_mask, beta, gen):
     B = prompt_ids.shape[0]
-    a, b = _twice([policy], [1.0], prompt_ids, prompt_mask, gen)
-    return _out(a, b, [("pi", "pi")] * B, 2 * B)
+    return _pairs([policy], (1.0,), prompt_ids, prompt_mask, [("pi", "pi")] * B, 2 * B, gen)
 
 def pilaf(policy, ref, prompt_ids, prompt_mask, beta, gen):
+    """Per prompt a fair coin: (pi+, pi-) or (pi, pi) (paper Alg. 1). The reference is stepped only on
+    the pi+- rows: 4 forwards for a mixed pair, 2 for a plain one."""
     B = prompt_ids.shape[0]
-    coin = _rand(B, gen.get("generator")) < 0.5       # (B,) True: a (pi+, pi-) pair
-    mixed, plain = coin.nonzero().squeeze(-1), (~coin).nonzero().squeeze(-1)
-    a_parts, b_parts = [], []
-    if len(mixed):
-        for coefs, parts in (((1 + beta, -beta), a_parts), ((1 - beta, beta), b_parts)):
-            ids, mask, _ = generate([policy, ref], coefs, prompt_ids[mixed], prompt_mask[mixed], **gen)
-            parts.append((mixed.to(ids.device), ids, mask))
-    if len(plain):
-        a, b = _twice([policy], [1.0], prompt_ids[plain], prompt_mask[plain], gen)
-        a_parts.append((plain.to(a[0].device), *a))
-        b_parts.append((plain.to(b[0].device), *b))
-    src = [("pi+", "pi-") if c else ("pi", "pi") for c in coin.tolist()]
-    pad = gen["pad_id"]
-    return _out(_rows(B, a_parts, pad), _rows(B, b_parts, pad), src, 4 * len(mixed) + 2 * len(plain))
+    coin = (_rand(B, gen.get("generator")) < 0.5)[:, None]                         # (B, 1) True: a (pi+, pi-) pair
+    plain = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    w_a = torch.where(coin, torch.tensor([1 + beta, -beta], dtype=torch.float64), plain)   # (B, 2) pi+ or pi
+    w_b = torch.where(coin, torch.tensor([1 - beta, beta], dtype=torch.float64), plain)    # (B, 2) pi- or pi
+    src = [("pi+", "pi-") if c else ("pi", "pi") for c in coin[:, 0].tolist()]
+    n_mixed = int(coin.sum())
+    return _pairs([policy, ref], torch.cat([w_a, w_b]), prompt_ids, prompt_mask, src, 4 * n_mixed + 2 * (B - n_mixed), gen)
 
 def hybrid(policy, ref, prompt_ids, prompt_mask, beta, gen):
+    """One response from the policy, one from the reference, in one loop (each model reads its B rows)."""
     B = prompt_ids.shape[0]
-    a, b = (generate([m], [1.0], prompt_ids, prompt_mask, **gen)[:2] for m in (policy, ref))
-    return _out(a, b, [("pi", "pi_ref")] * B, 2 * B)
+    w = torch.tensor([[1.0, 0.0]] * B + [[0.0, 1.0]] * B, dtype=torch.float64)   # (2B, 2): policy rows, then reference rows
+    return _pairs([policy, ref], w, prompt_ids, prompt_mask, [("pi", "pi_ref")] * B, 2 * B, gen)
 
 def best_of_n(policy, ref, prompt_ids, prompt_mask, beta, gen, n=8):
     """N policy samples per prompt, ranked by beta*log(pi/pi_ref) of the whole response
@@ -83,7 +72,7 @@ def best_of_n(policy, ref, prompt_ids, prompt_mask, beta, gen, n=8):
     sees those two, so the annotation cost stays 2 per pair (paper Table 1)."""
     B = prompt_ids.shape[0]
     p_ids, p_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)  # (B*n, P)
-    ids, mask, _ = generate([policy], [1.0], p_ids, p_mask, **gen)                            # (B*n, L)
+    ids, mask, logps = generate([policy], [1.0], p_ids, p_mask, **gen)                        # (B*n, L)
     with torch.no_grad():
         r = beta * log_ratio(policy, ref, p_ids, p_mask, ids, mask)
     # rank within each prompt; a random order first breaks ties, so that even when every reward is
@@ -92,6 +81,7 @@ def best_of_n(policy, ref, prompt_ids, prompt_mask, beta, gen, n=8):
     order = perm.gather(1, torch.sort(r.view(B, n).gather(1, perm), dim=1, stable=True).indices)
     base = torch.arange(B, device=r.device) * n
     hi, lo = base + order[:, -1], base + order[:, 0]
-    return _out((ids[hi], mask[hi]), (ids[lo], mask[lo]), [("best", "worst")] * B, n * B, 2 * n * B)
+    return dict(a=ids[hi], a_mask=mask[hi], a_logps=logps[hi], b=ids[lo], b_mask=mask[lo], b_logps=logps[lo],
+                src=[("best", "worst")] * B, forwards=n * B, score_forwards=2 * n * B)
 
 SAMPLERS = {"vanilla": vanilla, "pilaf": pilaf, "best_of_n": best_of_n, "hybrid": hybrid}

@@ -271,9 +271,9 @@ def main(argv=None):
                     batch = rows[i:i + args.batch_size]
                     prompt, prompt_m, ch, ch_m, rj, rj_m = collate([x[:3] for x in batch], tok.pad_token_id, args.device)
                     with amp():     # the forward only: backward runs outside, as autocast prescribes
-                        pc, pr = pair_logps(policy, prompt, prompt_m, ch, ch_m, rj, rj_m, tok.pad_token_id)
+                        pc, pr = pair_logps(policy, prompt, prompt_m, ch, ch_m, rj, rj_m)
                         with torch.no_grad():
-                            rc, rr = pair_logps(ref, prompt, prompt_m, ch, ch_m, rj, rj_m, tok.pad_token_id)
+                            rc, rr = pair_logps(ref, prompt, prompt_m, ch, ch_m, rj, rj_m)
                     losses, cr, rr_ = dpo_loss(pc, pr, rc, rr, args.beta)
                     loss = losses.mean()
                     if args.xpo_alpha:   # XPO: push down the log-likelihood of the reference's responses

@@ -45,12 +45,30 @@ def test_sequence_logps_match_token_by_token_and_sampling():
         want = sum(F.log_softmax(logits[len(p) - 1 + t], -1)[tok] for t, tok in enumerate(r))
         torch.testing.assert_close(got[i], want, rtol=0, atol=1e-10)
 
-def test_pair_logps_is_two_sequence_logps_in_one_forward():
+def test_pair_logps_scores_chosen_and_rejected():
     model = tiny_lm(6)
     ids_p, mask_p = left_padded(PROMPTS)
     g = torch.Generator().manual_seed(4)
     a, am, _ = generate([model], (1.0,), ids_p, mask_p, 6, EOS, PAD, 1.0, g)
     b, bm, _ = generate([model], (1.0,), ids_p, mask_p, 9, EOS, PAD, 1.0, g)
-    pc, pr = pair_logps(model, ids_p, mask_p, a, am, b, bm, PAD)
+    pc, pr = pair_logps(model, ids_p, mask_p, a, am, b, bm)
     torch.testing.assert_close(pc, sequence_logps(model, ids_p, mask_p, a, am), rtol=0, atol=1e-10)
     torch.testing.assert_close(pr, sequence_logps(model, ids_p, mask_p, b, bm), rtol=0, atol=1e-10)
+
+def full_logits_logps(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
+    """The direct computation: logits at every position, a log_softmax over all of them, gather."""
+    ids, attn = torch.cat([prompt_ids, resp_ids], 1), torch.cat([prompt_mask, resp_mask], 1)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits
+    lp = F.log_softmax(logits, -1)[:, prompt_ids.shape[1] - 1:-1].gather(2, resp_ids[:, :, None]).squeeze(-1)
+    return (lp * resp_mask).sum(-1)
+
+def test_response_only_logits_equal_full_logits_in_value_and_gradient():
+    model = tiny_lm(7)
+    ids_p, mask_p = left_padded(PROMPTS)
+    ids, mask, _ = generate([model], (1.0,), ids_p, mask_p, 9, EOS, PAD, 1.0, torch.Generator().manual_seed(5))
+    got, want = sequence_logps(model, ids_p, mask_p, ids, mask), full_logits_logps(model, ids_p, mask_p, ids, mask)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    g1 = torch.autograd.grad(got.sum(), list(model.parameters()))
+    g2 = torch.autograd.grad(want.sum(), list(model.parameters()))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)

@@ -95,3 +95,35 @@ def test_best_of_n_ties_give_two_different_candidates():
     assert (hi != lo).all()
     for i in range(len(ids_p)):
         assert torch.equal(out["a"][i], cand[i * n + hi[i]]) and torch.equal(out["b"][i], cand[i * n + lo[i]])
+
+@pytest.mark.parametrize("name", ["vanilla", "pilaf", "hybrid"])
+def test_logged_forwards_are_the_rows_each_model_reads(name):
+    """One decode loop per batch; every step, each model reads only the rows that use it. So the rows
+    read, over the whole loop, are `forwards` times the steps: PILAF's reference only on pi+- rows."""
+    from test_sample import CountingLM
+    pol, ref = CountingLM(tiny_lm(1)), CountingLM(tiny_lm(2))
+    ids_p, mask_p = left_padded(PROMPTS * 4)
+    gen = dict(max_new_tokens=6, eos_id=99, pad_id=PAD, temperature=1.0, generator=torch.Generator().manual_seed(2))
+    out = SAMPLERS[name](pol, ref, ids_p, mask_p, 0.1, gen)       # no EOS in a 12-token vocabulary: all 6 steps
+    assert out["a"].shape[1] == 6 and pol.rows + ref.rows == 6 * out["forwards"]
+    if name == "pilaf":
+        assert ref.rows == 6 * 2 * sum(s == ("pi+", "pi-") for s in out["src"])   # pi+ and pi- rows only
+        assert 0 < ref.rows < pol.rows
+
+def test_samplers_return_the_log_probs_they_drew_with():
+    """Vanilla rows score as the policy, hybrid's b rows as the reference, pi+ rows as the pi+ mix."""
+    pol, ref = tiny_lm(1), tiny_lm(2)
+    ids_p, mask_p = left_padded(PROMPTS * 2)
+    gen = dict(max_new_tokens=8, eos_id=EOS, pad_id=PAD, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    h = SAMPLERS["hybrid"](pol, ref, ids_p, mask_p, 0.1, gen)
+    torch.testing.assert_close(h["a_logps"].sum(-1), sequence_logps(pol, ids_p, mask_p, h["a"], h["a_mask"]), rtol=0, atol=1e-10)
+    torch.testing.assert_close(h["b_logps"].sum(-1), sequence_logps(ref, ids_p, mask_p, h["b"], h["b_mask"]), rtol=0, atol=1e-10)
+    p = SAMPLERS["pilaf"](pol, ref, ids_p, mask_p, 0.5, gen)
+    for i, (sa, _) in enumerate(p["src"]):
+        n = int(p["a_mask"][i].sum())
+        x = torch.cat([ids_p[i][mask_p[i].bool()], p["a"][i, :n]])[None]
+        P = int(mask_p[i].sum())
+        hp, hr = pol(x).logits[0, P - 1:-1], ref(x).logits[0, P - 1:-1]     # (n, V) each, unpadded
+        coefs = (1.5, -0.5) if sa == "pi+" else (1.0, 0.0)
+        want = mix([hp, hr], coefs).gather(-1, p["a"][i, :n, None]).squeeze(-1)
+        torch.testing.assert_close(p["a_logps"][i, :n], want, rtol=0, atol=1e-10)

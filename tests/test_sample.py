@@ -6,14 +6,16 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_lm
-from sample import generate, mix
+from sample import draw, generate, mix
 
 EOS, PAD, BETA = 0, 1, 0.1
 
 @torch.no_grad()
-def slow_generate(models, coefs, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature=1.0, generator=None):
-    """Reference: no cache; every step runs every model over prompt + response so far."""
+def slow_generate(models, weights, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature=1.0, generator=None):
+    """Reference: no cache, no row selection; every step runs every model over every row's prompt +
+    response so far, and mixes with the per-row weights (B, M) written out as a plain sum."""
     B = prompt_ids.shape[0]
+    w = torch.as_tensor(weights, dtype=torch.float64).expand(B, len(models))
     ids = torch.zeros(B, 0, dtype=torch.long)
     mask = torch.zeros(B, 0, dtype=torch.long)
     logps = torch.zeros(B, 0, dtype=torch.float64)
@@ -23,9 +25,9 @@ def slow_generate(models, coefs, prompt_ids, prompt_mask, max_new_tokens, eos_id
         attn = torch.cat([prompt_mask, mask], 1)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         logits = [m(input_ids=x, attention_mask=attn, position_ids=pos).logits[:, -1] for m in models]
-        z = sum(c * F.log_softmax(h.double(), -1) for c, h in zip(coefs, logits))
+        z = sum(w[:, i, None] * F.log_softmax(h.double(), -1) for i, h in enumerate(logits))
         lp = F.log_softmax(z / temperature if temperature > 0 else z, -1)
-        tok = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(-1) if temperature > 0 else lp.argmax(-1)
+        tok = draw(lp.exp(), generator) if temperature > 0 else lp.argmax(-1)
         alive = ~done
         ids = torch.cat([ids, torch.where(alive, tok, pad_id)[:, None]], 1)
         mask = torch.cat([mask, alive.long()[:, None]], 1)
@@ -55,6 +57,84 @@ def test_cached_equals_uncached(name, temperature):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     torch.testing.assert_close(a[2], b[2], rtol=0, atol=1e-10)
     assert a[1].sum() > len(PROMPTS)   # a real test: responses of more than one token
+
+# one batch of PILAF's three kinds of rows, as pilaf.pilaf builds it: pi+, pi-, pi, pi, over prompts of
+# different lengths; the reference has weight 0 on the pi rows and must never read them
+ROW_WEIGHTS = torch.tensor([[1 + BETA, -BETA], [1 - BETA, BETA], [1.0, 0.0], [1.0, 0.0]] * 2, dtype=torch.float64)
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
+def test_cached_equals_uncached_with_a_mix_per_row(temperature):
+    models = [tiny_lm(1), tiny_lm(2)]
+    ids_p, mask_p = left_padded(PROMPTS + PROMPTS[::-1])
+    a = generate(models, ROW_WEIGHTS, ids_p, mask_p, 20, EOS, PAD, temperature, torch.Generator().manual_seed(0))
+    b = slow_generate(models, ROW_WEIGHTS, ids_p, mask_p, 20, EOS, PAD, temperature, torch.Generator().manual_seed(0))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    torch.testing.assert_close(a[2], b[2], rtol=0, atol=1e-10)
+    assert a[1].sum() > 2 * len(PROMPTS)
+
+def test_a_row_is_the_same_whatever_else_is_in_the_batch():
+    """Greedy pi+ and pi rows decoded in one mixed batch equal the same rows decoded in batches of their own kind."""
+    models = [tiny_lm(1), tiny_lm(2)]
+    ids_p, mask_p = left_padded(PROMPTS + PROMPTS[::-1])
+    both = generate(models, ROW_WEIGHTS, ids_p, mask_p, 12, EOS, PAD, temperature=0)
+    for k, coefs in enumerate([(1 + BETA, -BETA), (1 - BETA, BETA), (1.0,)]):
+        rows = [i for i in range(len(ROW_WEIGHTS)) if ROW_WEIGHTS[i].tolist() == list(coefs) + [0.0] * (2 - len(coefs))]
+        assert len(rows) == (4 if k == 2 else 2)
+        alone = generate(models[:len(coefs)], coefs, ids_p[rows], mask_p[rows], 12, EOS, PAD, temperature=0)
+        L = alone[0].shape[1]
+        assert torch.equal(both[0][rows, :L], alone[0]) and not both[1][rows, L:].any()
+        torch.testing.assert_close(both[2][rows, :L], alone[2], rtol=0, atol=1e-10)
+
+class CountingLM(torch.nn.Module):
+    """Wraps a model and counts the rows it is stepped on."""
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.rows = model, 0
+
+    def forward(self, input_ids, **kw):
+        self.rows += input_ids.shape[0]
+        return self.model(input_ids=input_ids, **kw)
+
+def test_a_model_reads_only_the_rows_that_use_it():
+    pol, ref = CountingLM(tiny_lm(1)), CountingLM(tiny_lm(2))
+    ids_p, mask_p = left_padded(PROMPTS + PROMPTS[::-1])
+    ids, mask, _ = generate([pol, ref], ROW_WEIGHTS, ids_p, mask_p, 10, eos_id=99, pad_id=PAD,   # no EOS: all 10 steps
+                            generator=torch.Generator().manual_seed(0))
+    assert ids.shape[1] == 10
+    assert pol.rows == 8 * 10 and ref.rows == 4 * 10     # the reference: only the 4 pi+- rows, every step
+
+def test_weights_of_the_wrong_shape_or_all_zero_are_refused():
+    models = [tiny_lm(1), tiny_lm(2)]
+    ids_p, mask_p = left_padded(PROMPTS)
+    with pytest.raises(ValueError, match=r"shape \(2,\) or \(4, 2\)"):
+        generate(models, torch.ones(3, 2), ids_p, mask_p, 4, EOS, PAD)
+    with pytest.raises(ValueError, match=r"shape"):
+        generate(models, (1.0,), ids_p, mask_p, 4, EOS, PAD)
+    with pytest.raises(ValueError, match="nonzero weight"):
+        generate(models, torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.5, 0.5]]), ids_p, mask_p, 4, EOS, PAD)
+
+def test_draw_is_exact():
+    """The two-level inverse-CDF draw against the distribution it is given: rows of different shapes,
+    a vocabulary that is not a multiple of the block, tokens of probability 0 at a block's end and start."""
+    V, N = 1000, 40000
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(2, V, generator=g) ** 4                      # uneven, like a language model's next token
+    p[:, 250:300] = 0                                           # zeros across the boundary of blocks 0 and 1
+    p[1, :900] = 0                                              # row 1: all its mass in the last, partial block
+    p[1, 990:] *= 50
+    toks = draw(p.repeat_interleave(N, 0), g).view(2, N)        # (2, N)
+    for row in range(2):
+        q = (p[row] / p[row].sum()).double()
+        freq = torch.bincount(toks[row], minlength=V).double() / N
+        assert (freq[q == 0] == 0).all()                        # probability 0: never drawn
+        common = q * N >= 5                                     # where a frequency is near normal: 4.5 standard errors
+        assert ((freq - q).abs() <= 4.5 * (q * (1 - q) / N).sqrt())[common].all()
+        rare = q[~common].sum()                                 # the rest, pooled
+        assert abs(freq[~common].sum() - rare) <= 4.5 * (rare * (1 - rare) / N) ** 0.5
+        # and as a whole: chi-square of the most likely tokens within its 99.99% range
+        top = q.argsort(descending=True)[:20]
+        chi2 = (((freq[top] - q[top]) * N) ** 2 / (q[top] * N)).sum().item()
+        assert chi2 < 52, chi2                                  # chi2(20 dof) 99.99% point ~ 52
 
 def test_padding_does_not_change_a_response():
     """Greedy decoding of a prompt alone equals its row in a left-padded batch of other prompts."""
@@ -102,10 +182,10 @@ class FixedLogits(torch.nn.Module):
         self.h = torch.tensor(logits, dtype=torch.float64)
         self.calls = 0
 
-    def forward(self, input_ids, past_key_values=None, **kw):
+    def forward(self, input_ids, cache=None, **kw):
         self.calls += 1
         B, T = input_ids.shape
-        return SimpleNamespace(logits=self.h.expand(B, T, -1), past_key_values=(past_key_values or 0) + 1)
+        return SimpleNamespace(logits=self.h.expand(B, T, -1), cache=(cache or 0) + 1)
 
 H_POL = [2.0, 0.5, -1.0, 1.0, 0.0]
 H_REF = [0.0, 1.0, 0.5, -0.5, 0.3]
