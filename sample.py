@@ -105,6 +105,8 @@ def _decode(steps, plain, prompt_ids, prompt_mask, max_new_tokens, eos, pad_id, 
         a = attn[:, :P + t]                                  # (B, P + t) a view: what the models may attend to
         z = None                                             # (B, V) the rows' mixed logits
         for i, (model, r, wm) in enumerate(steps):
+            if t and done[r].all():
+                continue                                     # its rows have all ended: never needed again
             out = model(input_ids=x[r], attention_mask=a[r], position_ids=x_pos[r], cache=caches[i],
                         use_cache=True, logits_to_keep=1)    # only the last position is sampled from
             caches[i] = out.cache

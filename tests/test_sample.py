@@ -103,6 +103,18 @@ def test_a_model_reads_only_the_rows_that_use_it():
     assert ids.shape[1] == 10
     assert pol.rows == 8 * 10 and ref.rows == 4 * 10     # the reference: only the 4 pi+- rows, every step
 
+def test_a_model_stops_once_all_its_rows_have_ended():
+    """pi+- rows that end early leave the reference idle for the rest of the batch; the result equals the slow loop's."""
+    pol, ref = CountingLM(tiny_lm(3)), CountingLM(tiny_lm(4))
+    ids_p, mask_p = left_padded(PROMPTS * 8)
+    w = torch.tensor([[1 + BETA, -BETA]] * 2 + [[1.0, 0.0]] * 30, dtype=torch.float64)   # 2 pi+ rows, 30 pi rows
+    out = generate([pol, ref], w, ids_p, mask_p, 30, EOS, PAD, 1.0, torch.Generator().manual_seed(0))
+    slow = slow_generate([pol.model, ref.model], w, ids_p, mask_p, 30, EOS, PAD, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(out[0], slow[0]) and torch.equal(out[1], slow[1])
+    steps, ref_steps = out[0].shape[1], int(out[1][:2].sum(-1).max())    # the loop's length; the pi+ rows' longest
+    assert ref_steps < steps                                             # (this seed: the pi+ rows end first)
+    assert ref.rows == 2 * ref_steps and pol.rows == 32 * steps
+
 def test_weights_of_the_wrong_shape_or_all_zero_are_refused():
     models = [tiny_lm(1), tiny_lm(2)]
     ids_p, mask_p = left_padded(PROMPTS)
