@@ -208,7 +208,7 @@ def test_mix_matches_the_paper_formula():
     minus = mix([hp, hr], (1 - BETA, BETA))
     torch.testing.assert_close(plus, F.log_softmax((1 + BETA) * hp - BETA * hr, -1))
     torch.testing.assert_close(minus, F.log_softmax((1 - BETA) * hp + BETA * hr, -1))
-    # pi+- = pi * exp(+-r) renormalised, with r = beta*log(pi/pi_ref) (DESIGN.md, theory)
+    # pi+- = pi * exp(+-r) renormalised, with r = beta*log(pi/pi_ref) (paper arXiv 2502.04270 Sec. 4; pilaf.py docstring)
     r = BETA * (F.log_softmax(hp, -1) - F.log_softmax(hr, -1))
     torch.testing.assert_close(plus, F.log_softmax(F.log_softmax(hp, -1) + r, -1))
     torch.testing.assert_close(minus, F.log_softmax(F.log_softmax(hp, -1) - r, -1))
