@@ -11,7 +11,8 @@ Each run is `python train.py --sampler S --mode M --seed X --out <out>/S-sX <arg
 subprocess each, so a crash stays contained (its output goes to <out>/logs/S-sX.log). A run folder
 with summary.json is finished and never recomputed; one without it was interrupted: it is moved aside
 to <run>.interrupted-N (its labels were paid for) and run again. Finished runs made with another
-budget are refused ("mismatched budgets"): a comparison is only fair when every sampler gets the same labels, steps, learning rate and beta.
+budget are refused ("mismatched budgets"): a comparison is only fair when every sampler gets the same labels, steps, learning rate and beta,
+and the same policy, oracle and prompts.
 
 Writes <out>/results.md (Table 2's shape: final reward, KL and J = reward - beta*KL, mean +- std over
 seeds; Table 1's costs: labels, responses judged per label, sampling forwards per pair; and the
@@ -35,9 +36,11 @@ from pilaf import SAMPLERS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # the settings that make a comparison fair: every finished run in a folder must agree on all of them
+# (every train.py option that changes results, except those compare.py sets per run and --device)
 BUDGET_KEYS = ["labels", "batch_size", "iterations", "epochs", "lr", "beta", "max_new_tokens", "mode",
-               "temperature", "init_from", "label", "n", "xpo_alpha", "eval_every", "eval_prompts", "eval_samples",
-               "prompt_column", "prompt_format", "dtype"]
+               "temperature", "policy", "init_from", "oracle", "prompts", "label", "n", "xpo_alpha", "eval_every",
+               "eval_prompts", "eval_samples", "prompt_column", "prompt_format", "train_split", "test_split", "dtype"]
+WORLD_PARTS = ("policy", "oracle", "prompts")   # None: the embedded world's, as train.py resolves them
 RESERVED = ["--sampler", "--mode", "--seed", "--out", "--overwrite"]   # compare.py sets these per run
 NAMES = {"vanilla": "Vanilla", "best_of_n": "Best-of-N", "hybrid": "Hybrid", "pilaf": "PILAF"}
 COLORS = {"vanilla": "tab:gray", "best_of_n": "tab:blue", "hybrid": "tab:green", "pilaf": "tab:red"}
@@ -80,6 +83,11 @@ def train_argv(args, sampler, seed):
     """The train.py arguments of one run of the comparison."""
     return [*args.extra, "--sampler", sampler, "--mode", args.mode, "--seed", str(seed), "--out", run_dir(args.out, sampler, seed)]
 
+def resolved(cfg):
+    """A run's config with --policy / --oracle / --prompts None replaced by the embedded world's folders,
+    as train.py does before it writes config.json (so a default run compares equal to its own config)."""
+    return dict(cfg, **{k: cfg.get(k) or os.path.join(cfg["world"], k) for k in WORLD_PARTS if cfg.get("world")})
+
 def check_budgets(args):
     """Refuse before any work if finished runs disagree with each other or with this command.
     -> the config the comparison uses (None if --only_report finds no finished run)"""
@@ -88,11 +96,11 @@ def check_budgets(args):
         for seed in args.seeds:
             d = run_dir(args.out, s, seed)
             if not args.only_report:
-                want = vars(train.get_args(train_argv(args, s, seed) + ["--overwrite"]))
+                want = resolved(vars(train.get_args(train_argv(args, s, seed) + ["--overwrite"])))
             if not os.path.exists(os.path.join(d, "summary.json")):
                 continue
             with open(os.path.join(d, "config.json")) as f:
-                have = json.load(f)
+                have = resolved(json.load(f))
             want = want or have     # --only_report: the first finished run sets the budget
             online = want.get("mode") == "online"   # online DPO has no iterations and one pass: those keys do not matter
             diff = [k for k in BUDGET_KEYS if have.get(k) != want.get(k) and not (online and k in ("iterations", "epochs"))]

@@ -59,11 +59,11 @@ def test_a_failing_run_is_contained(tiny_world, tmp_path, capsys):
 
 # ---- fabricated run folders: numbers checked by hand
 
-def fake_run(out, sampler, seed, J, labels=(0, 16, 32), budget=32):
+def fake_run(out, sampler, seed, J, labels=(0, 16, 32), budget=32, **config):
     d = os.path.join(out, f"{sampler}-s{seed}")
     os.makedirs(d)
     cfg = dict(vars(train.get_args(["--overwrite"])), sampler=sampler, seed=seed, mode="online", labels=budget, batch_size=8,
-               iterations=4, epochs=2, lr=1e-3, max_new_tokens=10)   # train.py's defaults for the rest
+               iterations=4, epochs=2, lr=1e-3, max_new_tokens=10, **config)   # train.py's defaults for the rest
     k = dict(vanilla=1.0, hybrid=0.5, pilaf=1.5)[sampler]          # KL grows by k per evaluation
     metrics = [dict(labels=n, J=j, kl=k * i, reward=j + 0.1 * k * i, fwd_per_pair=3.0 if sampler == "pilaf" else 2.0,
                     score_fwd_per_pair=0.0, judged_per_label=2.0) for i, (n, j) in enumerate(zip(labels, J))]
@@ -118,3 +118,24 @@ def test_bad_input_fails_in_one_line(tmp_path, capsys):
     bad(["--out", out, "--", "--seed", "3"], "set by compare.py")
     bad(["--out", str(tmp_path / "empty"), "--only_report"], "no finished runs")
     assert not os.path.exists(os.path.join(out, "vanilla-s2"))
+
+def test_runs_with_other_models_are_refused(tmp_path, capsys):
+    """A finished run made with another oracle (or policy, or prompts) is not mixed into the table."""
+    out = str(tmp_path / "cmp")
+    same = ["--labels", "32", "--batch_size", "8", "--lr", "1e-3", "--max_new_tokens", "10"]
+    fake_run(out, "vanilla", 0, [0.0, 0.2, 0.4])          # the embedded world's models, as train.py records them:
+    with open(os.path.join(out, "vanilla-s0", "config.json")) as f:   # resolved folders, not None
+        cfg = json.load(f)
+    cfg.update({k: os.path.join(cfg["world"], k) for k in ("policy", "oracle", "prompts")})
+    with open(os.path.join(out, "vanilla-s0", "config.json"), "w") as f:
+        json.dump(cfg, f)
+    fake_run(out, "vanilla", 1, [0.0, 0.2, 0.4], oracle=str(tmp_path / "another-oracle"))
+    compare.main(["--samplers", "vanilla", "--seeds", "0", "--out", out, "--"] + same)   # same world: accepted
+    for argv in (["--samplers", "vanilla", "--seeds", "0", "1", "--out", out, "--"] + same,
+                 ["--samplers", "vanilla", "--seeds", "0", "1", "--out", out, "--only_report"]):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            compare.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert "mismatched budgets" in err and "another-oracle" in err and "vanilla-s1" in err, err
