@@ -5,6 +5,10 @@ working directory in notebooks/, by a kernel running THIS interpreter: a kernel 
 temporary folder names sys.executable, so an unrelated 'python3' kernel spec installed elsewhere on
 the machine cannot slip in another Python. The notebooks that need the embedded world build it with
 world.ensure() (a few minutes the first time, then cached).
+
+Nothing is written into the repository: a notebook that trains (03_results: its small comparison) trains into
+$PILAF_NOTEBOOK_OUT, which the test points at a new temporary folder, so it always trains afresh with the current
+train.py; the test checks that the runs are there, and that no file under the repository appeared or changed.
 """
 import json
 import os
@@ -16,7 +20,8 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
-NB_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NB_DIR = os.path.join(ROOT, "notebooks")
 NOTEBOOKS = sorted(f for f in os.listdir(NB_DIR) if f.endswith(".ipynb")) if os.path.isdir(NB_DIR) else []
 CELL_TIMEOUT = int(os.environ.get("PILAF_NOTEBOOK_TIMEOUT", "600"))  # seconds per cell (a world build fits)
 KERNEL = "pilaf-test-python"
@@ -31,9 +36,22 @@ def this_interpreter_kernel(tmp_path):
     specs = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")], ensure_native_kernel=False)
     return AsyncKernelManager(kernel_name=KERNEL, kernel_spec_manager=specs)
 
+def repo_files():
+    """{path: mtime} of every file under the repository, bytecode caches and git's own files aside."""
+    skip = {".git", "__pycache__", ".pytest_cache"}
+    found = {}
+    for d, dirs, files in os.walk(ROOT):
+        dirs[:] = [x for x in dirs if x not in skip]
+        found.update({os.path.join(d, f): os.path.getmtime(os.path.join(d, f)) for f in files if f not in skip})
+    return found
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs(name, tmp_path):
+def test_notebook_runs(name, tmp_path, monkeypatch):
     nb = nbformat.read(os.path.join(NB_DIR, name), as_version=4)
+    trains = any("PILAF_NOTEBOOK_OUT" in c.source for c in nb.cells if c.cell_type == "code")
+    runs = tmp_path / "notebook-out"             # a new folder: a notebook that trains must train afresh
+    monkeypatch.setenv("PILAF_NOTEBOOK_OUT", str(runs))   # the kernel inherits this process's environment
+    before = repo_files()
     n_cells = len(nb.cells)
     # one extra cell at the end reports which Python ran the notebook
     nb.cells.append(nbformat.v4.new_code_cell("import json, sys; print(json.dumps([sys.executable, sys.prefix]))"))
@@ -51,3 +69,12 @@ def test_notebook_runs(name, tmp_path):
     assert all(c.execution_count is not None for c in cells if c.cell_type == "code"), "a code cell did not run"
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs), f"{name} drew no figure"
+
+    after = repo_files()
+    written = sorted(os.path.relpath(f, ROOT) for f in set(before) | set(after) if before.get(f) != after.get(f))
+    assert not written, f"{name} wrote into the repository: {written}"
+    if trains:   # its runs were trained now, in the temporary folder
+        done = sorted(d.name for d in runs.iterdir() if (d / "summary.json").exists() and (d / "metrics.jsonl").stat().st_size)
+        assert done == [f"{s}-s{seed}" for s in ("best_of_n", "hybrid", "pilaf", "vanilla") for seed in (0, 1)], done
+        assert (runs / "results.md").exists()
+        assert any("trained the small comparison" in o.get("text", "") for o in outputs), "it read old runs back"
