@@ -7,32 +7,49 @@ tokenizer (right padding, attention masks from that tokenizer), so any Hugging F
 sequence-classification reward model works, whatever its vocabulary. A pair is labelled by a
 Bradley–Terry draw, P(a > b) = sigmoid(r(a) - r(b)), like a noisy human; `argmax` labels always
 prefer the higher score. Every label is counted: that count is the annotation budget.
+
+What the reward model reads: a model trained on a chat template (Skywork-Reward, the paper's oracle)
+scores the conversation [user: prompt, assistant: response] rendered by its tokenizer's template;
+any other gets the plain join `prompt + " " + response`. `fmt` = "auto" picks by whether the
+tokenizer has a chat template; "chat" or "plain" force one.
 """
 import torch
 
 class Oracle:
-    def __init__(self, model, tokenizer, batch_size=64):
+    def __init__(self, model, tokenizer, batch_size=64, fmt="auto"):
         self.model, self.tok = model, tokenizer
+        self.chat = fmt == "chat" or (fmt == "auto" and bool(getattr(tokenizer, "chat_template", None)))
         self.batch_size = batch_size
         self.labels = 0       # preference labels given (one per pair)
         self.judged = 0       # responses shown to the labeller (two per label; paper Table 1)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score(self, prompts, responses):
         """Scalar reward of each (prompt, response) text. -> (N,) float tensor on the CPU."""
         dev = next(self.model.parameters()).device
         out = []
         for i in range(0, len(prompts), self.batch_size):
-            texts = [p + " " + r for p, r in zip(prompts[i:i + self.batch_size], responses[i:i + self.batch_size])]
-            enc = self.tok(texts, padding=True, truncation=True, return_tensors="pt").to(dev)  # at model_max_length
+            texts = [self.text(p, r) for p, r in zip(prompts[i:i + self.batch_size], responses[i:i + self.batch_size])]
+            # a rendered template already holds its special tokens (BOS...): the tokenizer must not add them twice
+            enc = self.tok(texts, padding=True, truncation=True, return_tensors="pt",
+                           add_special_tokens=not self.chat).to(dev)          # truncated at model_max_length
             out.append(self.model(**enc).logits[:, 0].float().cpu())
         return torch.cat(out)
 
-    def label(self, prompts, a, b, how="bt", generator=None):
-        """Which of each pair the labeller prefers. -> (a_wins (N,) bool, score_a (N,), score_b (N,))"""
+    def text(self, prompt, response):
+        """What the reward model reads for one (prompt, response)."""
+        if self.chat:
+            return self.tok.apply_chat_template([{"role": "user", "content": prompt},
+                                                 {"role": "assistant", "content": response}], tokenize=False)
+        return prompt + " " + response
+
+    def label(self, prompts, a, b, how="bt", generator=None, u=None):
+        """Which of each pair the labeller prefers. -> (a_wins (N,) bool, score_a (N,), score_b (N,))
+        Bradley-Terry draws one uniform per pair from `generator`, or takes them as `u` (N,)."""
         sa, sb = self.score(prompts, a), self.score(prompts, b)
         if how == "bt":
-            a_wins = torch.rand(len(sa), generator=generator) < torch.sigmoid(sa - sb)
+            u = torch.rand(len(sa), generator=generator) if u is None else u
+            a_wins = u < torch.sigmoid(sa - sb)
         elif how == "argmax":
             a_wins = sa > sb
         else:

@@ -60,3 +60,20 @@ def test_argmax_labels_prefer_the_higher_score():
     o = fixed_oracle([0.1, 2.0, -1.0], [0.0, 3.0, -2.0])
     a_wins, sa, sb = o.label(["p"] * 3, ["a"] * 3, ["b"] * 3, "argmax")
     assert a_wins.tolist() == [True, False, True] and o.labels == 3
+
+CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}")   # a minimal chat template
+
+def test_a_chat_reward_model_reads_its_template(tmp_path):
+    """With a chat template (as Skywork-Reward has), the oracle scores [user: prompt, assistant: response]
+    rendered by it, tokenised without a second set of special tokens; 'plain' forces the plain join."""
+    model, tok = standin_reward_model(tmp_path, with_pad=True)
+    tok.chat_template = CHAT
+    auto, plain = Oracle(model, tok), Oracle(model, tok, fmt="plain")
+    rendered = [f"<|user|>{p}<|assistant|>{r}" for p, r in zip(PROMPTS, REPLIES)]
+    assert [auto.text(p, r) for p, r in zip(PROMPTS, REPLIES)] == rendered
+    by_hand = torch.cat([model(**tok(t, return_tensors="pt", truncation=True, add_special_tokens=False)).logits[:, 0] for t in rendered])
+    torch.testing.assert_close(auto.score(PROMPTS, REPLIES), by_hand.detach(), rtol=0, atol=1e-5)
+    assert plain.text(PROMPTS[0], REPLIES[0]) == PROMPTS[0] + " " + REPLIES[0]
+    assert not torch.allclose(plain.score(PROMPTS, REPLIES), auto.score(PROMPTS, REPLIES))
+    tok.chat_template = None
+    assert Oracle(model, tok).text("p", "r") == "p r"          # auto without a template: the plain join
