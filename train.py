@@ -1,21 +1,24 @@
 """
-Online and iterative DPO with a choice of pair sampler. The loop below is the whole algorithm:
+Online and iterative DPO with a choice of pair sampler. main() at the bottom is the whole algorithm:
 
     for each round:
-        draw prompts -> the sampler makes pairs of responses with the current (frozen) policy
-        the oracle labels each pair (chosen / rejected)        -> appended to <out>/pairs.jsonl
-        DPO updates of the policy on those pairs, reference fixed to the initial model
-        every --eval_every labels: reward, KL, J on held-out prompts -> <out>/metrics.jsonl
+        collect    draw prompts -> the sampler makes pairs of responses with the current (frozen)
+                   policy -> the oracle labels each pair (chosen / rejected) -> appended to <out>/pairs.jsonl
+        update     DPO on those pairs, reference fixed to the initial model
+        evaluate   every --eval_every labels: reward, KL, J on held-out prompts -> <out>/metrics.jsonl
+        save       every --save_every labels: a checkpoint (checkpoint.py), so --resume can continue
 
 online DPO:    one round per step: --batch_size fresh pairs, one gradient step on them
 iterative DPO: --iterations rounds of --labels/--iterations pairs, --epochs passes over each;
                the first round is Vanilla for every sampler (paper Sec. 6.1)
 
-    python train.py --sampler pilaf                       # the embedded world, a few minutes on a CPU
-    python train.py --sampler vanilla --mode iterative
+    python train.py --sampler pilaf                       # the embedded world: under a minute on 2 CPU cores
+    python train.py --resume out/pilaf-online-s0          # continue a killed run; its labels are reused
+    python train.py --from_pairs out/pilaf-online-s0/pairs.jsonl --beta 0.2 --out out/beta0.2   # paid labels, new beta
     python train.py --policy gpt2 --oracle <rm folder> --prompts imdb --prompt_format imdb --prompt_column text
 """
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -23,11 +26,13 @@ import shutil
 import sys
 import time
 from functools import partial
+from types import SimpleNamespace
 
 import torch
 import transformers
 from tqdm import tqdm
 
+import checkpoint
 import world
 from dpo import dpo_loss, log_ratio, pair_logps, reward_metrics
 from oracle import Oracle
@@ -39,7 +44,10 @@ def die(msg):
     print(f"train.py: error: {msg}", file=sys.stderr)
     sys.exit(2)
 
-def get_args(argv=None):
+# -----------------------------------------------------------------------------
+# options, all checked before the world is built, any weights load or anything is written
+
+def parser():
     p = argparse.ArgumentParser(description="Online / iterative DPO with PILAF and baseline pair samplers.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = die   # one line instead of usage + error
@@ -63,24 +71,40 @@ def get_args(argv=None):
     g.add_argument("--policy", default=None, help="reference / initial policy: causal LM name or folder")
     g.add_argument("--init_from", default=None, help="start the policy from this checkpoint instead (reference stays --policy)")
     g.add_argument("--oracle", default=None, help="reward model (sequence classifier) name or folder")
+    g.add_argument("--oracle_format", default="auto", choices=["auto", "chat", "plain"], help="what the oracle reads: its chat template applied to [user: prompt, assistant: response], or prompt + ' ' + response; auto = chat when its tokenizer has a template")
     g.add_argument("--prompts", default=None, help="prompt data set: name or a saved DatasetDict folder")
     g.add_argument("--prompt_column", default="prompt", help="column holding the prompt text")
     g.add_argument("--prompt_format", default="raw", choices=list(world.FORMATS), help="hh: cut HH-RLHF dialogues at the last assistant turn; imdb: first words of a review")
     g.add_argument("--train_split", default="train", help="split the training prompts come from")
     g.add_argument("--test_split", default="test", help="held-out split for evaluation")
+    g.add_argument("--from_pairs", default=None, help="train on the labelled pairs of this pairs.jsonl, in their order, instead of sampling and labelling new ones")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval_every", type=int, default=512, help="evaluate after every this many labels (and at start and end)")
     g.add_argument("--eval_prompts", type=int, default=64, help="held-out prompts per evaluation (at most the split's size)")
     g.add_argument("--eval_samples", type=int, default=8, help="policy samples per held-out prompt")
+    g.add_argument("--save_every", type=int, default=512, help="checkpoint after every this many labels (and at start and end)")
     g.add_argument("--out", default=None, help="run folder (default out/<sampler>-<mode>-s<seed>)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    g.add_argument("--resume", default=None, metavar="RUN", help="continue the run in this folder from its last checkpoint, with its saved options")
     g.add_argument("--seed", type=int, default=0, help="seeds prompts, sampling, labels and init")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights")
-    args = p.parse_args(argv)
+    return p
 
-    # bad input fails here, before anything is built, loaded or written
-    for name in ["labels", "batch_size", "iterations", "epochs", "max_new_tokens", "n", "eval_every", "eval_prompts", "eval_samples"]:
+def get_args(argv=None):
+    args = parser().parse_args(argv)
+    if args.resume:
+        return resume_args(argv, args.resume)
+    check_options(args)
+    args.out = args.out or os.path.join("out", f"{args.sampler}-{args.mode}-s{args.seed}")
+    if os.path.exists(os.path.join(args.out, "pairs.jsonl")) and not args.overwrite:
+        die(f"{args.out} already holds a run (its labels would be lost) -- pass --resume {args.out} to continue it, "
+            f"another --out, or --overwrite")
+    return args
+
+def check_options(args):
+    for name in ["labels", "batch_size", "iterations", "epochs", "max_new_tokens", "n", "eval_every", "eval_prompts",
+                 "eval_samples", "save_every"]:
         if getattr(args, name) <= 0:
             die(f"--{name} must be positive (got {getattr(args, name)})")
     if args.beta <= 0:
@@ -97,10 +121,139 @@ def get_args(argv=None):
         die(f"--device {args.device} is not available here -- use --device cpu")
     if args.xpo_alpha and args.sampler != "hybrid":
         die("--xpo_alpha applies to --sampler hybrid only")
-    args.out = args.out or os.path.join("out", f"{args.sampler}-{args.mode}-s{args.seed}")
-    if os.path.exists(os.path.join(args.out, "pairs.jsonl")) and not args.overwrite:
-        die(f"{args.out} already holds a run (its labels would be lost) -- pass another --out, or --overwrite")
-    return args
+    if args.from_pairs and not os.path.isfile(args.from_pairs):
+        die(f"--from_pairs {args.from_pairs}: no such file -- pass the pairs.jsonl of a run")
+
+def resume_args(argv, run):
+    """The saved options of the run in folder `run`; options given again must agree with them."""
+    if not os.path.isfile(os.path.join(run, "config.json")):
+        die(f"--resume {run}: no config.json there -- pass the --out folder of a run")
+    if os.path.exists(os.path.join(run, "summary.json")):
+        die(f"--resume {run}: that run has finished (summary.json) -- start a new one with another --out")
+    if checkpoint.latest(run) is None:
+        die(f"--resume {run}: no checkpoint yet (it was stopped while starting) -- run it again with --overwrite")
+    with open(os.path.join(run, "config.json")) as f:
+        saved = json.load(f)
+    given = parser()
+    for a in given._actions:            # a parser that returns only the options actually typed
+        a.default = argparse.SUPPRESS
+    typed = vars(given.parse_args(argv))
+    typed.pop("resume")
+    for k, v in typed.items():
+        if saved.get(k) != v and not (k == "out" and os.path.abspath(v) == os.path.abspath(run)):
+            die(f"--resume continues with the run's saved options: --{k} {v} contradicts its {k}={saved.get(k)!r} "
+                f"-- leave --{k} out, or start a new run (--from_pairs {run}/pairs.jsonl reuses its labels)")
+    return argparse.Namespace(**dict(saved, out=run, resume=run))
+
+# -----------------------------------------------------------------------------
+# the world: models, oracle and prompts
+
+def check_names(args):
+    """Every model and data set the user named, checked before the embedded world is built (3 minutes
+    on a fresh machine) or any weights load. Returns the named prompts, or None for the world's."""
+    for what, name in (("policy", args.policy), ("oracle", args.oracle), ("--init_from checkpoint", args.init_from)):
+        if name:
+            world.check_name(what, name)
+    if args.prompts:
+        return world.load_prompts(args.prompts, args.prompt_column, args.prompt_format, args.train_split, args.test_split)
+    if args.prompt_column != world.PROMPT_COLUMN:
+        raise world.WorldError(f"the embedded world's prompts have no column '{args.prompt_column}' -- "
+                               f"leave out --prompt_column (it is '{world.PROMPT_COLUMN}'), or pass --prompts")
+    return None
+
+def load(args, start_from=None):
+    """Reference policy, trained policy (from `start_from`, --init_from or the reference), tokenizer,
+    oracle, prompts and the ids that end a response. Bad names exit 2 with one line."""
+    try:
+        prompts = check_names(args)
+        if None in (args.policy, args.oracle, args.prompts):
+            if args.policy:   # a hub policy with the toy world's oracle and prompts is rarely what was meant
+                missing = [k for k in ("oracle", "prompts") if getattr(args, k) is None]
+                print(f"note: --policy given without --{' or --'.join(missing)}: using the embedded world's "
+                      f"{' and '.join(missing)} (from {args.world})")
+            wdir = world.ensure(args.world)
+            args.policy = args.policy or os.path.join(wdir, "policy")
+            args.oracle = args.oracle or os.path.join(wdir, "oracle")
+            args.prompts = args.prompts or os.path.join(wdir, "prompts")
+        cfg = world.check_name("policy", args.policy)
+        train_prompts, test_prompts = prompts or world.load_prompts(args.prompts, args.prompt_column, args.prompt_format,
+                                                                    args.train_split, args.test_split)
+        tok = world.load_policy_tokenizer(args.policy)
+        source = read_pairs(args.from_pairs, cfg.vocab_size, args.labels) if args.from_pairs else None
+        train_prompts, test_prompts = fit_context(args, tok, cfg, train_prompts, test_prompts)
+        dtype = getattr(torch, args.dtype)
+        ref, _ = world.load_policy(args.policy, dtype)
+        # the trained weights stay float32 (bf16 would round most AdamW steps away); bf16 = autocast in main
+        policy, pol_tok = world.load_policy(start_from or args.init_from or args.policy)
+        world.check_vocab(pol_tok, tok)
+        orm, orm_tok = world.load_oracle(args.oracle, dtype)
+        if args.oracle_format == "chat" and not getattr(orm_tok, "chat_template", None):
+            raise world.WorldError(f"--oracle_format chat: the tokenizer of '{args.oracle}' has no chat template "
+                                   f"-- use --oracle_format plain (or auto)")
+    except world.WorldError as e:
+        die(str(e))
+    return SimpleNamespace(ref=ref.to(args.device).requires_grad_(False),
+                           policy=policy.to(args.device),   # stays in eval mode: no dropout, so policy == ref gives loss log 2
+                           tok=tok, eos=world.eos_ids(ref, tok), source=source,
+                           oracle=Oracle(orm.to(args.device), orm_tok, fmt=args.oracle_format),
+                           train_prompts=train_prompts, test_prompts=test_prompts[:args.eval_prompts])
+
+def fit_context(args, tok, cfg, train_prompts, test_prompts):
+    """Leave out prompts too long to leave room for a full response in the policy's context."""
+    n_ctx = world.context_length(cfg) or 10**9
+    lens = [list(map(len, tok(ps)["input_ids"])) for ps in (train_prompts, test_prompts)]
+    room = n_ctx - args.max_new_tokens
+    shortest = max(min(ls) for ls in lens)      # each split needs one prompt that fits
+    if shortest > room:
+        raise world.WorldError(f"--max_new_tokens {args.max_new_tokens} leaves no room for the prompts in the policy's "
+                               f"context ({n_ctx} tokens) -- lower --max_new_tokens to {n_ctx - shortest} or less")
+    dropped = sum(n > room for ls in lens for n in ls)
+    if dropped:   # long dialogues (HH-RLHF) would overflow GPT-2's positions: leave them out, and say so
+        print(f"note: leaving out {dropped} prompts longer than {room} tokens (the context minus --max_new_tokens)")
+    return ([p for p, n in zip(ps, ls) if n <= room] for ps, ls in zip((train_prompts, test_prompts), lens))
+
+# -----------------------------------------------------------------------------
+# a labelled pair, and moving batches of them between text, token lists and tensors
+
+@dataclasses.dataclass
+class Pair:
+    """One labelled pair, as pairs.jsonl keeps it: the token ids are exact (EOS kept) so the pair can
+    be trained on again (--from_pairs, --resume); `*_logp` is the log-prob of the whole response under
+    the distribution it was sampled from (pi, pi+, pi-, pi_ref), for importance weights in forks."""
+    round: int
+    step: int
+    prompt: str
+    chosen: str
+    rejected: str
+    chosen_src: str             # pi, pi+, pi-, pi_ref, best, worst
+    rejected_src: str
+    chosen_score: float         # the oracle's
+    rejected_score: float
+    prompt_ids: list
+    chosen_ids: list
+    rejected_ids: list
+    chosen_logp: float = None
+    rejected_logp: float = None
+
+def read_pairs(path, vocab_size, need=0):
+    """The pairs of a pairs.jsonl, checked to fit the policy's vocabulary. Bad files exit 2."""
+    fields = {f.name for f in dataclasses.fields(Pair)}
+    pairs = []
+    for n, line in enumerate(checkpoint.read_lines(path), 1):
+        try:
+            d = json.loads(line)
+            p = Pair(**{k: v for k, v in d.items() if k in fields})
+        except (ValueError, TypeError) as e:
+            raise world.WorldError(f"{path} line {n} is not a labelled pair ({e}) -- pass the pairs.jsonl of a run")
+        bad = [i for i in p.prompt_ids + p.chosen_ids + p.rejected_ids if not 0 <= i < vocab_size]
+        if bad:
+            raise world.WorldError(f"{path} line {n}: token id {bad[0]} is outside the policy's vocabulary ({vocab_size}) "
+                                   f"-- these pairs were made with another tokenizer; pass the --policy they came from")
+        pairs.append(p)
+    if len(pairs) < need:
+        raise world.WorldError(f"{path} holds {len(pairs)} pairs, fewer than --labels {need} -- pass --labels {len(pairs)} "
+                               f"or fewer")
+    return pairs
 
 def tokenize_prompts(tok, texts, device):
     enc = tok(texts, padding=True, return_tensors="pt")  # left-padded (world.load_policy)
@@ -122,179 +275,258 @@ def collate(rows, pad_id, device):
         return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
     return [t for k, left in ((0, True), (1, False), (2, False)) for t in padded([r[k] for r in rows], left)]
 
-@torch.no_grad()
-def evaluate(policy, ref, tok, oracle, prompts, args):
+# -----------------------------------------------------------------------------
+# the stages, in the order the data flows
+
+def collect(run, w, args, sampler, n):
+    """n labelled pairs from the frozen policy, a batch at a time, each batch on disk before any
+    training on it. Pairs already in pairs.jsonl (a resumed run) are taken from there, never labelled
+    again; the sampler still replays them, so every generator ends where an uninterrupted run's does."""
+    pairs = []
+    for i in range(0, n, args.batch_size):
+        B = min(args.batch_size, n - i)
+        k = max(0, min(B, len(run.disk) - run.labels))          # pairs of this batch already on disk
+        if w.source is not None:                                 # --from_pairs: paid labels, in their order
+            batch = [dataclasses.replace(p, round=run.round, step=run.steps) for p in w.source[run.labels:run.labels + B]]
+        else:
+            batch = sample_and_label(run, w, args, sampler, B, k)
+        batch[:k] = run.disk[run.labels:run.labels + k]
+        if k < B:
+            run.pairs_f.write("".join(json.dumps(dataclasses.asdict(p)) + "\n" for p in batch[k:]))   # one write
+            run.pairs_f.flush()                                  # labels cost money: on disk before training
+        run.labels, run.judged, run.reused = run.labels + B, run.judged + 2 * B, run.reused + k
+        pairs += batch
+        run.bar.update(B)
+    return pairs
+
+def sample_and_label(run, w, args, sampler, B, k):
+    """One batch: B prompts, a pair of responses for each, the oracle's label on all but the first k."""
+    texts = next_prompts(run, w.train_prompts, B)
+    ids_p, mask_p = tokenize_prompts(w.tok, texts, args.device)
+    ts = time.time()
+    with run.amp():
+        out = sampler(w.policy, w.ref, ids_p, mask_p, args.beta, run.gen)
+    run.sample_s += time.time() - ts
+    run.forwards += out["forwards"]
+    run.score_forwards += out["score_forwards"]
+    run.tokens += int(out["a_mask"].sum() + out["b_mask"].sum())
+    ta, tb = decode(w.tok, out["a"], out["a_mask"]), decode(w.tok, out["b"], out["b_mask"])
+    pa, pb = unpad(out["a"], out["a_mask"]), unpad(out["b"], out["b_mask"])
+    la, lb = ((out[f"{x}_logps"] * out[f"{x}_mask"]).sum(-1).tolist() for x in "ab")
+    # Bradley-Terry uniforms for the whole batch, reused pairs included: the label stream stays the
+    # uninterrupted run's, and only the pairs not on disk reach the oracle
+    u = torch.rand(B, generator=run.g_label) if args.label == "bt" else torch.zeros(B)
+    a_wins, sa, sb = torch.zeros(B, dtype=torch.bool), torch.zeros(B), torch.zeros(B)
+    if k < B:
+        a_wins[k:], sa[k:], sb[k:] = w.oracle.label(texts[k:], ta[k:], tb[k:], args.label, u=u[k:])
+    for j, d in enumerate(run.disk[run.labels:run.labels + k]):
+        if d.prompt != texts[j] or sorted([d.chosen_ids, d.rejected_ids]) != sorted([pa[j], pb[j]]):
+            if not run.diverged:
+                print(f"note: the replayed samples differ from {args.out}/pairs.jsonl at label {run.labels + j} "
+                      f"(sampling is not bit-reproducible here); its saved labels are used as they are")
+            run.diverged = True
+    pp = unpad(ids_p, mask_p)
+    batch = []
+    for j in range(B):
+        a = (ta[j], pa[j], out["src"][j][0], sa[j].item(), la[j])
+        b = (tb[j], pb[j], out["src"][j][1], sb[j].item(), lb[j])
+        (c, c_ids, c_src, c_score, c_lp), (r, r_ids, r_src, r_score, r_lp) = (a, b) if a_wins[j] else (b, a)
+        batch.append(Pair(round=run.round, step=run.steps, prompt=texts[j], chosen=c, rejected=r,
+                          chosen_src=c_src, rejected_src=r_src, chosen_score=c_score, rejected_score=r_score,
+                          prompt_ids=pp[j], chosen_ids=c_ids, rejected_ids=r_ids, chosen_logp=c_lp, rejected_logp=r_lp))
+    return batch
+
+def next_prompts(run, train_prompts, B):
+    """The next B training prompts of a shuffled order, refilled when used up."""
+    while len(run.order) < B:
+        run.order += run.rng.sample(train_prompts, len(train_prompts))
+    texts, run.order = run.order[:B], run.order[B:]
+    return texts
+
+def update(run, w, args, pairs, epochs):
+    """DPO on a round's pairs: `epochs` shuffled passes of --batch_size pairs per step."""
+    for _ in range(epochs):
+        run.rng.shuffle(pairs)
+        for i in range(0, len(pairs), args.batch_size):
+            batch = pairs[i:i + args.batch_size]
+            prompt, prompt_m, ch, ch_m, rj, rj_m = collate([(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in batch],
+                                                           w.tok.pad_token_id, args.device)
+            with run.amp():     # the forward only: backward runs outside, as autocast prescribes
+                pc, pr = pair_logps(w.policy, prompt, prompt_m, ch, ch_m, rj, rj_m)
+                with torch.no_grad():
+                    rc, rr = pair_logps(w.ref, prompt, prompt_m, ch, ch_m, rj, rj_m)
+            losses, cr, rr_ = dpo_loss(pc, pr, rc, rr, args.beta)
+            loss = losses.mean()
+            if args.xpo_alpha:   # XPO: push down the log-likelihood of the reference's responses
+                ref_c = torch.tensor([p.chosen_src == "pi_ref" for p in batch], device=pc.device)
+                ref_r = torch.tensor([p.rejected_src == "pi_ref" for p in batch], device=pc.device)
+                loss = loss + args.xpo_alpha * (pc * ref_c + pr * ref_r).mean()
+            if not torch.isfinite(loss):
+                stop(run, f"the loss is {loss.item()}")
+            run.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(w.policy.parameters(), 1.0)
+            if not torch.isfinite(norm):    # checked before the step: the weights stay the last good ones
+                stop(run, f"the gradient norm is {norm.item()}")
+            run.opt.step()
+            run.steps += 1
+            run.train_log.append(dict(loss=loss.item(), **reward_metrics(cr, rr_)))
+
+def stop(run, why):
+    """A non-finite loss or gradient: one line, nothing more written, the last checkpoint kept."""
+    ck = checkpoint.latest(run.out)
+    print(f"train.py: stopped at step {run.steps + 1}: {why} -- nothing was written after the last good checkpoint "
+          f"({ck['labels']} labels, {ck['dir']}); lower --lr, or start again with another --seed", file=sys.stderr)
+    sys.exit(1)
+
+@torch.inference_mode()
+def evaluate(policy, ref, tok, oracle, prompts, args, eos_id=None):
     """Reward, KL and J of the current policy on held-out prompts (paper Sec. 6: J = reward - beta*KL).
     The same generator seed at every evaluation: differences between evaluations and between
     samplers come from the policy, not from the draw."""
+    eos_id = tok.eos_token_id if eos_id is None else eos_id
     g = torch.Generator(args.device).manual_seed(args.seed + 12345)
     texts = prompts * args.eval_samples
     ids_p, mask_p = tokenize_prompts(tok, texts, args.device)
     # temperature 1 whatever --temperature is: reward and KL(pi || pi_ref) of the policy itself
-    ids, mask, _ = generate([policy], [1.0], ids_p, mask_p, args.max_new_tokens, tok.eos_token_id, tok.pad_token_id, 1.0, g)
+    ids, mask, _ = generate([policy], [1.0], ids_p, mask_p, args.max_new_tokens, eos_id, tok.pad_token_id, 1.0, g)
     reward = oracle.score(texts, decode(tok, ids, mask))
     kl = log_ratio(policy, ref, ids_p, mask_p, ids, mask).float().cpu()
-    eos = ((ids == tok.eos_token_id) & mask.bool()).any(-1).float()
+    eos = (torch.isin(ids, torch.tensor(eos_id, device=ids.device)) & mask.bool()).any(-1).float()
     m = dict(reward=reward.mean().item(), kl=kl.mean().item(), len=mask.sum(-1).float().mean().item(), eos=eos.mean().item())
     m["J"] = m["reward"] - args.beta * m["kl"]
     return m
 
-def main(argv=None):
-    args = get_args(argv)
-    transformers.logging.disable_progress_bar()   # our own bar is enough
-    t0 = time.time()
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)                                      # prompt order, minibatch order
-    g_sample = torch.Generator(args.device).manual_seed(args.seed)      # responses, coin flips
-    g_label = torch.Generator().manual_seed(args.seed + 1)              # Bradley-Terry labels
+def log(run, m):
+    """Counters and the training statistics since the last evaluation, appended to metrics.jsonl."""
+    m.update(step=run.steps, labels=run.labels, reused=run.reused, forwards=run.forwards,
+             fwd_per_pair=run.forwards / max(run.labels, 1), score_fwd_per_pair=run.score_forwards / max(run.labels, 1),
+             judged_per_label=run.judged / max(run.labels, 1),
+             tok_per_s=run.tokens / max(run.sample_s, 1e-9), time=time.time() - run.t0)
+    if run.train_log:
+        m.update({k: sum(x[k] for x in run.train_log) / len(run.train_log) for k in run.train_log[0]})
+        run.train_log.clear()
+    run.metrics_f.write(json.dumps(m) + "\n")
+    run.metrics_f.flush()
+    run.metrics += 1
+    run.last = m
+    tqdm.write(f"step {m['step']:4d} | labels {m['labels']:5d} | reward {m['reward']:6.3f} | KL {m['kl']:6.2f} | "
+               f"J {m['J']:6.3f} | acc {m.get('acc', float('nan')):.2f} | len {m['len']:5.1f} | {m['time']:5.0f}s")
 
-    # ---- the world: reference policy, oracle, prompts (names are checked before any weights load)
-    try:
-        if None in (args.policy, args.oracle, args.prompts):
-            wdir = world.ensure(args.world)
-            args.policy = args.policy or os.path.join(wdir, "policy")
-            args.oracle = args.oracle or os.path.join(wdir, "oracle")
-            args.prompts = args.prompts or os.path.join(wdir, "prompts")
-        cfg = world.check_name("policy", args.policy)
-        world.check_name("oracle", args.oracle)
-        if args.init_from:
-            world.check_name("--init_from checkpoint", args.init_from)
-        train_prompts, test_prompts = world.load_prompts(args.prompts, args.prompt_column, args.prompt_format,
-                                                         args.train_split, args.test_split)
-        tok = world.load_policy_tokenizer(args.policy)
-        n_ctx = world.context_length(cfg) or 10**9
-        lens = [list(map(len, tok(ps)["input_ids"])) for ps in (train_prompts, test_prompts)]
-        room = n_ctx - args.max_new_tokens          # longest prompt that leaves room for a full response
-        shortest = max(min(ls) for ls in lens)      # each split needs one prompt that fits
-        if shortest > room:
-            raise world.WorldError(f"--max_new_tokens {args.max_new_tokens} leaves no room for the prompts in the policy's "
-                                   f"context ({n_ctx} tokens) -- lower --max_new_tokens to {n_ctx - shortest} or less")
-        dropped = sum(n > room for ls in lens for n in ls)
-        if dropped:   # long dialogues (HH-RLHF) would overflow GPT-2's positions: leave them out, and say so
-            print(f"note: leaving out {dropped} prompts longer than {room} tokens (the context minus --max_new_tokens)")
-            train_prompts, test_prompts = ([p for p, n in zip(ps, ls) if n <= room]
-                                           for ps, ls in zip((train_prompts, test_prompts), lens))
-        dtype = getattr(torch, args.dtype)
-        ref, _ = world.load_policy(args.policy, dtype)
-        # the trained weights stay float32 (bf16 would round most AdamW steps away); bf16 = autocast below
-        policy, pol_tok = world.load_policy(args.init_from or args.policy)
-        world.check_vocab(pol_tok, tok)
-        orm, orm_tok = world.load_oracle(args.oracle, dtype)
-    except world.WorldError as e:
-        die(str(e))
-    ref.to(args.device).requires_grad_(False)
-    policy.to(args.device)   # stays in eval mode: no dropout, so policy == reference gives loss log 2
-    oracle = Oracle(orm.to(args.device), orm_tok)
-    test_prompts = test_prompts[:args.eval_prompts]
+COUNTERS = ["round", "labels", "judged", "reused", "steps", "forwards", "score_forwards", "tokens", "sample_s",
+            "order", "train_log", "metrics", "last"]
 
-    # ---- the run folder: config first, then pairs and metrics as they come (--overwrite replaces
-    # only a run's own files, never anything else in the folder)
+def save(run, w):
+    """A checkpoint: everything the next round depends on (checkpoint.py says how it is written)."""
+    state = {k: getattr(run, k) for k in COUNTERS}
+    state.update(time=time.time() - run.t0, python_rng=run.rng.getstate())
+    rngs = dict(torch=torch.get_rng_state(), sample=run.g_sample.get_state(), label=run.g_label.get_state())
+    checkpoint.save(run.out, f"labels-{run.labels:07d}", w.policy, w.tok, run.opt, rngs, state)
+
+# -----------------------------------------------------------------------------
+# a run folder: started fresh, or resumed from its last checkpoint
+
+def start(args):
+    """A fresh run: the folder's earlier run files removed (--overwrite: only those), config.json written."""
     os.makedirs(args.out, exist_ok=True)
-    shutil.rmtree(os.path.join(args.out, "policy"), ignore_errors=True)
-    if os.path.exists(os.path.join(args.out, "summary.json")):
-        os.remove(os.path.join(args.out, "summary.json"))
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
-    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
-    gen = dict(max_new_tokens=args.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-               temperature=args.temperature, generator=g_sample)
-    online = args.mode == "online"
-    rounds = args.labels // args.batch_size if online else args.iterations
-    per_round = args.batch_size if online else args.labels // args.iterations
-    epochs = 1 if online else args.epochs
-    stats = dict(steps=0, forwards=0, score_forwards=0, tokens=0, sample_s=0.0)
-    train_log = []          # (loss, acc, margin) of each DPO step since the last evaluation
-    order = []              # shuffled training prompts, refilled when used up
+    for d in ("policy", "checkpoints"):
+        shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
+    for f in ("summary.json", checkpoint.POINTER, "pairs.jsonl", "metrics.jsonl"):
+        if os.path.exists(os.path.join(args.out, f)):
+            os.remove(os.path.join(args.out, f))
+    checkpoint.write_json(os.path.join(args.out, "config.json"), vars(args))
 
+def new_run(args, w, ck=None):
+    """The run's mutable state: counters, generators, optimizer, open files; from checkpoint `ck` if given."""
+    run = SimpleNamespace(out=args.out, round=0, labels=0, judged=0, reused=0, steps=0, forwards=0, score_forwards=0,
+                          tokens=0, sample_s=0.0, order=[], train_log=[], metrics=0, last=None, diverged=False,
+                          t0=time.time(), disk=[])
+    torch.manual_seed(args.seed)
+    run.rng = random.Random(args.seed)                                      # prompt order, minibatch order
+    run.g_sample = torch.Generator(args.device).manual_seed(args.seed)      # responses, coin flips
+    run.g_label = torch.Generator().manual_seed(args.seed + 1)              # Bradley-Terry labels
+    run.opt = torch.optim.AdamW(w.policy.parameters(), lr=args.lr, weight_decay=0.0)
     # bf16: forwards under autocast, one fresh context per stage. Autocast keeps its bf16 copies of the
     # weights until the outermost context exits, so one context around the whole run would make every
     # forward read the initial weights while AdamW updates the float32 ones: a run that never learns.
-    amp = partial(torch.autocast, args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
-    with open(os.path.join(args.out, "pairs.jsonl"), "w") as pairs_f, \
-         open(os.path.join(args.out, "metrics.jsonl"), "w") as metrics_f:
-        def log(m):
-            m.update(step=stats["steps"], labels=oracle.labels, forwards=stats["forwards"],
-                     fwd_per_pair=stats["forwards"] / max(oracle.labels, 1),
-                     score_fwd_per_pair=stats["score_forwards"] / max(oracle.labels, 1),
-                     judged_per_label=oracle.judged / max(oracle.labels, 1),
-                     tok_per_s=stats["tokens"] / max(stats["sample_s"], 1e-9), time=time.time() - t0)
-            if train_log:
-                m.update({k: sum(x[k] for x in train_log) / len(train_log) for k in train_log[0]})
-                train_log.clear()
-            metrics_f.write(json.dumps(m) + "\n")
-            metrics_f.flush()
-            tqdm.write(f"step {m['step']:4d} | labels {m['labels']:5d} | reward {m['reward']:6.3f} | KL {m['kl']:6.2f} | "
-                       f"J {m['J']:6.3f} | acc {m.get('acc', float('nan')):.2f} | len {m['len']:5.1f} | {m['time']:5.0f}s")
-            return m
+    run.amp = partial(torch.autocast, args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    run.gen = dict(max_new_tokens=args.max_new_tokens, eos_id=w.eos, pad_id=w.tok.pad_token_id,
+                   temperature=args.temperature, generator=run.g_sample)
+    pairs_path, metrics_path = os.path.join(args.out, "pairs.jsonl"), os.path.join(args.out, "metrics.jsonl")
+    if ck:
+        for k in COUNTERS:
+            setattr(run, k, ck[k])
+        run.t0 -= ck["time"]
+        s = ck["python_rng"]
+        run.rng.setstate((s[0], tuple(s[1]), s[2]))
+        opt, rngs = checkpoint.load_tensors(ck["dir"])
+        run.opt.load_state_dict(opt)
+        torch.set_rng_state(rngs["torch"])
+        run.g_sample.set_state(rngs["sample"])
+        run.g_label.set_state(rngs["label"])
+        # metrics after the checkpoint are made again, identically; pairs after it are reused as they are
+        checkpoint.write_lines(metrics_path, checkpoint.read_lines(metrics_path)[:ck["metrics"]])
+        lines = checkpoint.read_lines(pairs_path)
+        if len(lines) < ck["labels"]:
+            die(f"--resume {args.out}: pairs.jsonl holds {len(lines)} pairs, fewer than its checkpoint's {ck['labels']} "
+                f"-- the folder was changed by hand; start again with --overwrite")
+        checkpoint.write_lines(pairs_path, lines)       # without a torn last line, if the kill left one
+        try:
+            run.disk = read_pairs(pairs_path, w.policy.config.vocab_size)
+        except world.WorldError as e:
+            die(str(e))
+        print(f"resuming {args.out} at {ck['labels']} labels; {len(lines) - ck['labels']} labels bought after that "
+              f"checkpoint are reused, not bought again")
+    run.pairs_f, run.metrics_f = open(pairs_path, "a"), open(metrics_path, "a")
+    return run
 
-        with amp():
-            last = log(evaluate(policy, ref, tok, oracle, test_prompts, args))
-        bar = tqdm(total=args.labels, desc=f"{args.sampler}/{args.mode}", unit="label")
-        for r in range(rounds):
-            # the paper's iterative protocol: the first round is Vanilla for every sampler
-            name = "vanilla" if (not online and r == 0) else args.sampler
-            sampler = partial(SAMPLERS[name], n=args.n) if name == "best_of_n" else SAMPLERS[name]
-            # ---- collect and label per_round pairs with the policy frozen
-            rows = []
-            for i in range(0, per_round, args.batch_size):
-                B = min(args.batch_size, per_round - i)
-                while len(order) < B:
-                    order += rng.sample(train_prompts, len(train_prompts))
-                texts, order = order[:B], order[B:]
-                ids_p, mask_p = tokenize_prompts(tok, texts, args.device)
-                ts = time.time()
-                with amp():
-                    out = sampler(policy, ref, ids_p, mask_p, args.beta, gen)
-                stats["sample_s"] += time.time() - ts
-                stats["forwards"] += out["forwards"]
-                stats["score_forwards"] += out["score_forwards"]
-                stats["tokens"] += int(out["a_mask"].sum() + out["b_mask"].sum())
-                ta, tb = decode(tok, out["a"], out["a_mask"]), decode(tok, out["b"], out["b_mask"])
-                a_wins, sa, sb = oracle.label(texts, ta, tb, args.label, g_label)
-                pa, pb = unpad(out["a"], out["a_mask"]), unpad(out["b"], out["b_mask"])
-                for j, (prompt, w) in enumerate(zip(texts, a_wins.tolist())):
-                    c, rj = (0, 1) if w else (1, 0)     # index into (a, b): chosen, rejected
-                    row = (unpad(ids_p[j:j + 1], mask_p[j:j + 1])[0], (pa[j], pb[j])[c], (pa[j], pb[j])[rj],
-                           out["src"][j][c], out["src"][j][rj])
-                    pair = dict(round=r, step=stats["steps"], prompt=prompt, chosen=(ta[j], tb[j])[c], rejected=(ta[j], tb[j])[rj],
-                                chosen_src=row[3], rejected_src=row[4],
-                                chosen_score=(sa[j], sb[j])[c].item(), rejected_score=(sa[j], sb[j])[rj].item(),
-                                prompt_ids=row[0], chosen_ids=row[1], rejected_ids=row[2])   # ids: exact reuse, EOS kept
-                    pairs_f.write(json.dumps(pair) + "\n")
-                    rows.append(row)
-                pairs_f.flush()    # labels cost money: on disk before any training on them
-                bar.update(B)
-            # ---- DPO on this round's pairs
-            for _ in range(epochs):
-                rng.shuffle(rows)
-                for i in range(0, len(rows), args.batch_size):
-                    batch = rows[i:i + args.batch_size]
-                    prompt, prompt_m, ch, ch_m, rj, rj_m = collate([x[:3] for x in batch], tok.pad_token_id, args.device)
-                    with amp():     # the forward only: backward runs outside, as autocast prescribes
-                        pc, pr = pair_logps(policy, prompt, prompt_m, ch, ch_m, rj, rj_m)
-                        with torch.no_grad():
-                            rc, rr = pair_logps(ref, prompt, prompt_m, ch, ch_m, rj, rj_m)
-                    losses, cr, rr_ = dpo_loss(pc, pr, rc, rr, args.beta)
-                    loss = losses.mean()
-                    if args.xpo_alpha:   # XPO: push down the log-likelihood of the reference's responses
-                        ref_c = torch.tensor([x[3] == "pi_ref" for x in batch], device=pc.device)
-                        ref_r = torch.tensor([x[4] == "pi_ref" for x in batch], device=pc.device)
-                        loss = loss + args.xpo_alpha * (pc * ref_c + pr * ref_r).mean()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-                    opt.step()
-                    stats["steps"] += 1
-                    train_log.append(dict(loss=loss.item(), **reward_metrics(cr, rr_)))
-            if oracle.labels // args.eval_every > (oracle.labels - per_round) // args.eval_every or r == rounds - 1:
-                with amp():
-                    last = log(evaluate(policy, ref, tok, oracle, test_prompts, args))
-        bar.close()
-    policy.save_pretrained(os.path.join(args.out, "policy"))
-    tok.save_pretrained(os.path.join(args.out, "policy"))
-    with open(os.path.join(args.out, "summary.json"), "w") as f:   # written last: marks the run finished
-        json.dump(last, f, indent=1)
-    return last
+def finish(run, w, args):
+    """The final policy, then summary.json, whose presence marks a finished run (both atomic)."""
+    tmp = os.path.join(args.out, ".policy")
+    shutil.rmtree(tmp, ignore_errors=True)
+    w.policy.save_pretrained(tmp)
+    w.tok.save_pretrained(tmp)
+    shutil.rmtree(os.path.join(args.out, "policy"), ignore_errors=True)
+    os.replace(tmp, os.path.join(args.out, "policy"))
+    checkpoint.write_json(os.path.join(args.out, "summary.json"), run.last)
+    run.pairs_f.close()
+    run.metrics_f.close()
+
+def crossed(labels, per_round, every):
+    """Did the last round's labels pass a multiple of `every`?"""
+    return labels // every > (labels - per_round) // every
+
+def main(argv=None):
+    args = get_args(argv)
+    transformers.logging.disable_progress_bar()   # our own bar is enough
+    ck = checkpoint.latest(args.out) if args.resume else None
+    w = load(args, start_from=ck and os.path.join(ck["dir"], "policy"))
+    if not args.resume:
+        start(args)
+    run = new_run(args, w, ck)
+    online = args.mode == "online"
+    rounds = args.labels // args.batch_size if online else args.iterations
+    per_round = args.batch_size if online else args.labels // args.iterations
+    run.bar = tqdm(total=args.labels, initial=run.labels, desc=f"{args.sampler}/{args.mode}", unit="label")
+    if not args.resume:
+        with run.amp():
+            log(run, evaluate(w.policy, w.ref, w.tok, w.oracle, w.test_prompts, args, w.eos))
+        save(run, w)
+    for r in range(run.round, rounds):
+        # the paper's iterative protocol: the first round is Vanilla for every sampler
+        name = "vanilla" if (not online and r == 0) else args.sampler
+        sampler = partial(SAMPLERS[name], n=args.n) if name == "best_of_n" else SAMPLERS[name]
+        pairs = collect(run, w, args, sampler, per_round)
+        update(run, w, args, pairs, 1 if online else args.epochs)
+        run.round = r + 1
+        if crossed(run.labels, per_round, args.eval_every) or r == rounds - 1:
+            with run.amp():
+                log(run, evaluate(w.policy, w.ref, w.tok, w.oracle, w.test_prompts, args, w.eos))
+        if crossed(run.labels, per_round, args.save_every) or r == rounds - 1:
+            save(run, w)
+    run.bar.close()
+    finish(run, w, args)
+    return run.last
 
 if __name__ == "__main__":
     main()

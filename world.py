@@ -52,6 +52,7 @@ WORLD = dict(
     rm_vocab=400,       # the oracle's own byte-level BPE vocabulary
     batch_size=64, lr=3e-3,
 )
+PROMPT_COLUMN = "prompt"   # the embedded world's prompt column (build() also saves "item" and "problem")
 DEFAULT_DIR = os.path.join(os.environ.get("PILAF_CACHE", os.path.expanduser("~/.cache/pilaf")), "world")
 
 class WorldError(Exception):
@@ -250,7 +251,7 @@ def build(out_dir, cfg=WORLD):
     _train(rm, rm_loss, len(rm_data), dict(cfg, epochs=cfg["rm_epochs"]), rng, "world: oracle reward model")
 
     from datasets import Dataset, DatasetDict
-    cols = lambda rows: {"prompt": [p for p, _, _ in rows], "item": [i for _, i, _ in rows], "problem": [q for _, _, q in rows]}
+    cols = lambda rows: {PROMPT_COLUMN: [p for p, _, _ in rows], "item": [i for _, i, _ in rows], "problem": [q for _, _, q in rows]}
     os.makedirs(out_dir, exist_ok=True)
     policy.save_pretrained(os.path.join(out_dir, "policy"))
     tok.save_pretrained(os.path.join(out_dir, "policy"))
@@ -305,6 +306,13 @@ def check_name(what, name):
     if looks_local and not os.path.isfile(os.path.join(name, "config.json")):
         raise WorldError(f"{what} folder '{name}' has no config.json -- pass a folder saved with save_pretrained, or a hub name")
     return _load(what, name, AutoConfig.from_pretrained)
+
+def eos_ids(model, tok):
+    """Every id that ends a response: the tokenizer's EOS and the generation config's, which may be a
+    list (Llama-3 instruct models end a turn with <|eot_id|> as well as <|end_of_text|>)."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return sorted(set(ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
 
 def load_policy_tokenizer(name):
     """Left padding for prompts; pad falls back to EOS (harmless: every mask here is explicit)."""

@@ -169,3 +169,46 @@ def test_bfloat16_learns_like_float32(tiny_world, tmp_path):
     assert kl32 > 0.2, moved                       # float32 moved the policy measurably
     assert 0.5 < kl16 / kl32 < 2, moved            # bf16 as far, in what its forwards see
     assert 0.8 < dw16 / dw32 < 1.25, moved         # and in the weights
+
+@pytest.mark.parametrize("argv,match", [
+    (["--oracle", "no-such-oracle"], "cannot load oracle 'no-such-oracle'"),
+    (["--policy", "no-such-policy"], "cannot load policy 'no-such-policy'"),
+    (["--prompts", "no-such-prompts"], "cannot load prompt data set 'no-such-prompts'"),
+    (["--init_from", "./no-such-checkpoint"], "has no config.json"),
+    (["--prompt_column", "text"], "have no column 'text'"),
+])
+def test_bad_names_fail_before_the_world_is_built(argv, match, capsys, tmp_path):
+    """On a machine with nothing cached, a mistyped name must not cost a 3-minute world build first."""
+    cache = tmp_path / "empty-cache"
+    cache.mkdir()
+    bad(argv + ["--world", str(cache / "world"), "--out", str(tmp_path / "run")], capsys, match)
+    assert os.listdir(cache) == [] and not os.path.exists(tmp_path / "run")
+
+def test_a_policy_alone_says_what_it_falls_back_to(tiny_world, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(world, "ensure", lambda d: tiny_world)        # the tiny world stands in for the cache
+    train.main(["--policy", os.path.join(tiny_world, "policy"), "--out", str(tmp_path / "run")] + MICRO + ["--labels", "8"])
+    notes = [l for l in capsys.readouterr().out.splitlines() if l.startswith("note: --policy")]
+    assert len(notes) == 1 and "--oracle or --prompts" in notes[0] and "oracle and prompts" in notes[0], notes
+
+def test_a_response_ends_at_any_eos_id_of_the_generation_config(tiny_world, tmp_path):
+    """Llama-3 lists several EOS ids in generation_config.json; every one ends a response, in sampling
+    and in evaluation. Stand-in: the tiny world's policy with '.' (frequent in its replies) as a second EOS."""
+    from transformers import AutoModelForCausalLM
+    policy, tok = world.load_policy(os.path.join(tiny_world, "policy"))
+    dot = tok.convert_tokens_to_ids(".")
+    policy.generation_config.eos_token_id = [tok.eos_token_id, dot]
+    policy.save_pretrained(tmp_path / "llama-like")
+    tok.save_pretrained(tmp_path / "llama-like")
+    assert world.eos_ids(AutoModelForCausalLM.from_pretrained(tmp_path / "llama-like"), tok) == sorted([tok.eos_token_id, dot])
+    w = world_args(tiny_world)
+    w[1] = str(tmp_path / "llama-like")
+    out = str(tmp_path / "run")
+    last = train.main(["--out", out] + MICRO + w)
+    responses = [ids for p in read_jsonl(os.path.join(out, "pairs.jsonl")) for ids in (p["chosen_ids"], p["rejected_ids"])]
+    ended = [r for r in responses if r[-1] == dot]
+    assert ended                                              # '.' ends replies now
+    assert all(dot not in r[:-1] and tok.eos_token_id not in r[:-1] for r in responses)   # and nothing runs past it
+    assert last["eos"] > 0
+
+def test_oracle_format_chat_needs_a_template(tiny_world, capsys, tmp_path):
+    bad(["--oracle_format", "chat", "--out", str(tmp_path / "run")] + world_args(tiny_world), capsys, "has no chat template")

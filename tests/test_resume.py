@@ -1,0 +1,153 @@
+"""Runs that survive: checkpoints, --resume after a SIGKILL, --from_pairs, a non-finite loss."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from test_train import MICRO, bad, read_jsonl, world_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMINGS = ("time", "tok_per_s", "reused")    # how long it took, and how many labels came from disk
+
+def run_train(argv, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")   # one thread: the same sums in every process
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + argv, env=env, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+def lines(path):
+    return open(path).read().count("\n") if os.path.exists(path) else 0
+
+def weights(run):
+    return load_file(os.path.join(run, "policy", "model.safetensors"))
+
+@pytest.mark.parametrize("mode", ["online", "iterative"])
+def test_a_killed_run_resumes_to_the_same_numbers(mode, tiny_world, tmp_path):
+    """SIGKILL mid-run after some labels were bought past the last checkpoint, then --resume: the
+    finished run's pairs.jsonl, metrics.jsonl (timings aside) and policy equal an uninterrupted run's,
+    and the labels bought after the checkpoint are reused, not bought again."""
+    if mode == "online":   # 12 rounds of 16 pairs, checkpoints every 64 labels; killed with >= 96 labels on disk
+        argv, kill_at = ["--sampler", "pilaf", "--labels", "192", "--batch_size", "16", "--save_every", "64"], 96
+    else:                  # 2 rounds of 96 pairs (round 1 vanilla), checkpoint after round 1; killed in round 2
+        argv, kill_at = ["--sampler", "hybrid", "--mode", "iterative", "--iterations", "2", "--labels", "192",
+                         "--batch_size", "16", "--save_every", "96"], 128
+    argv += ["--eval_every", "32", "--eval_prompts", "8", "--eval_samples", "2", "--max_new_tokens", "12"] + world_args(tiny_world)
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    p = run_train(argv + ["--out", full])
+    assert p.wait(timeout=600) == 0, p.stdout.read()
+
+    p = run_train(argv + ["--out", cut])
+    while lines(os.path.join(cut, "pairs.jsonl")) < kill_at and p.poll() is None:
+        time.sleep(0.002)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    p.stdout.close()
+    assert not os.path.exists(os.path.join(cut, "summary.json")), "the run ended before it could be killed"
+    with open(os.path.join(cut, "checkpoint.json")) as f:
+        saved = json.load(f)["labels"]
+    on_disk = lines(os.path.join(cut, "pairs.jsonl"))
+    assert on_disk > saved                                   # labels were bought after the last checkpoint
+
+    p = run_train(["--resume", cut])
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    assert f"resuming {cut} at {saved} labels; {on_disk - saved} labels bought after" in out
+    assert open(os.path.join(cut, "pairs.jsonl")).read() == open(os.path.join(full, "pairs.jsonl")).read()
+    m_full, m_cut = (read_jsonl(os.path.join(d, "metrics.jsonl")) for d in (full, cut))
+    assert [{k: v for k, v in m.items() if k not in TIMINGS} for m in m_cut] == \
+           [{k: v for k, v in m.items() if k not in TIMINGS} for m in m_full]
+    assert m_cut[-1]["reused"] == on_disk - saved and m_full[-1]["reused"] == 0
+    a, b = weights(full), weights(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+def test_a_checkpoint_holds_what_resume_needs(tiny_world, tmp_path):
+    out = str(tmp_path / "run")
+    train.main(["--out", out, "--save_every", "16"] + MICRO + world_args(tiny_world))
+    with open(os.path.join(out, "checkpoint.json")) as f:
+        ck = json.load(f)
+    assert ck["labels"] == 32 and ck["steps"] == 4 and ck["metrics"] == 3 and ck["dir"] == "checkpoints/labels-0000032"
+    assert os.listdir(os.path.join(out, "checkpoints")) == ["labels-0000032"]      # older ones removed
+    d = os.path.join(out, ck["dir"])
+    assert sorted(os.listdir(d)) == ["optimizer.pt", "policy", "rng.pt"]
+    assert torch.equal(weights(out)["transformer.wte.weight"], load_file(os.path.join(d, "policy", "model.safetensors"))["transformer.wte.weight"])
+    opt = torch.load(os.path.join(d, "optimizer.pt"), weights_only=True)
+    assert opt["state"][0]["step"].item() == 4
+    assert not [f for f in os.listdir(out) if f.startswith(".") or f.endswith(".tmp")]   # no temporary left behind
+
+def test_resume_refuses_what_it_cannot_continue(tiny_world, capsys, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad(["--resume", str(empty)], capsys, "no config.json there")
+    started = tmp_path / "started"            # killed before its first checkpoint
+    started.mkdir()
+    (started / "config.json").write_text("{}")
+    bad(["--resume", str(started)], capsys, "no checkpoint yet")
+    out = str(tmp_path / "done")
+    train.main(["--out", out] + MICRO + world_args(tiny_world))
+    bad(["--resume", out], capsys, "has finished")
+    os.remove(os.path.join(out, "summary.json"))
+    bad(["--resume", out, "--beta", "0.2"], capsys, "--beta 0.2 contradicts its beta=0.1")
+    before = open(os.path.join(out, "pairs.jsonl")).read()
+    bad(["--resume", out, "--labels", "64"], capsys, "--labels 64 contradicts")
+    assert open(os.path.join(out, "pairs.jsonl")).read() == before
+
+def test_from_pairs_trains_on_the_saved_labels_without_the_oracle(tiny_world, monkeypatch, tmp_path):
+    """The same pairs in the same order: with the same options the policy ends where the run that
+    bought them ended (up to the order of a sum: minibatches are reshuffled), and no label is bought."""
+    first, again = str(tmp_path / "first"), str(tmp_path / "again")
+    train.main(["--out", first] + MICRO + world_args(tiny_world))
+    label = train.Oracle.label
+    monkeypatch.setattr(train.Oracle, "label", lambda *a, **k: pytest.fail("the oracle was asked for a label"))
+    train.main(["--out", again, "--from_pairs", os.path.join(first, "pairs.jsonl")] + MICRO + world_args(tiny_world))
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_score", "chosen_src")
+    p1, p2 = (read_jsonl(os.path.join(d, "pairs.jsonl")) for d in (first, again))
+    assert [[p[k] for k in keys] for p in p1] == [[p[k] for k in keys] for p in p2]
+    m1, m2 = (read_jsonl(os.path.join(d, "metrics.jsonl")) for d in (first, again))
+    for a, b in zip(m1[1:], m2[1:]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["kl"] == pytest.approx(a["kl"], rel=1e-3, abs=1e-4)
+    w1, w2 = weights(first), weights(again)
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+    assert m2[-1]["fwd_per_pair"] == 0                    # nothing was sampled for training
+    monkeypatch.setattr(train.Oracle, "label", label)
+    beta = str(tmp_path / "beta")                          # another beta on the same labels: another policy
+    train.main(["--out", beta, "--beta", "1", "--from_pairs", os.path.join(first, "pairs.jsonl")] + MICRO + world_args(tiny_world))
+    assert max((w1[k] - weights(beta)[k]).abs().max().item() for k in w1) > 1e-4
+
+def test_from_pairs_refuses_pairs_of_another_vocabulary(tiny_world, capsys, tmp_path):
+    first = str(tmp_path / "first")
+    train.main(["--out", first] + MICRO + world_args(tiny_world) + ["--labels", "8"])
+    pairs = read_jsonl(os.path.join(first, "pairs.jsonl"))
+    pairs[3]["chosen_ids"][0] = 10**6
+    path = tmp_path / "other.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    bad(["--out", str(tmp_path / "run"), "--from_pairs", str(path), "--labels", "8", "--batch_size", "8"] + world_args(tiny_world),
+        capsys, "line 4: token id 1000000 is outside the policy's vocabulary")
+    bad(["--out", str(tmp_path / "run"), "--from_pairs", os.path.join(first, "pairs.jsonl")] + MICRO + world_args(tiny_world),
+        capsys, "holds 8 pairs, fewer than --labels 32")
+    assert not os.path.exists(tmp_path / "run")
+
+def test_a_non_finite_loss_stops_the_run_at_the_last_checkpoint(tiny_world, monkeypatch, capsys, tmp_path):
+    dpo_loss = train.dpo_loss
+    calls = []
+    def nan_at_step_3(*a):
+        calls.append(1)
+        losses, cr, rr = dpo_loss(*a)
+        return (losses * float("nan") if len(calls) == 3 else losses), cr, rr
+    monkeypatch.setattr(train, "dpo_loss", nan_at_step_3)
+    out = str(tmp_path / "run")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:   # MICRO: 8 pairs a step, evaluations and checkpoints every 16 labels
+        train.main(["--out", out, "--save_every", "16"] + MICRO + world_args(tiny_world))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and "stopped at step 3: the loss is nan" in err, err
+    with open(os.path.join(out, "checkpoint.json")) as f:
+        assert json.load(f)["labels"] == 16
+    assert len(read_jsonl(os.path.join(out, "metrics.jsonl"))) == 2           # step 0 and step 2, nothing after
+    assert not os.path.exists(os.path.join(out, "summary.json")) and not os.path.exists(os.path.join(out, "policy"))
+    assert len(read_jsonl(os.path.join(out, "pairs.jsonl"))) == 24           # the labels of step 3 are kept
