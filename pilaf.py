@@ -36,11 +36,17 @@ def _rand(shape, g):
     """Uniform draws from the sampling generator (on its device, so CUDA generators work too)."""
     return torch.rand(shape, generator=g, device=g.device if g is not None else None).cpu()
 
-def _pairs(models, weights, prompt_ids, prompt_mask, src, forwards, gen):
+def _pairs(models, weights, prompt_ids, prompt_mask, src, forwards, gen, order=None):
     """Decode a and b for every prompt in one loop: rows 0..B-1 are the a responses, rows B..2B-1 the
-    b responses, row i mixing `models` with weights[i] (2B, M)."""
+    b responses, row i mixing `models` with weights[i] (2B, M). `order` (2B,) is the order the rows are
+    decoded in (their outputs come back in the a-then-b order)."""
     B = prompt_ids.shape[0]
-    ids, mask, logps = generate(models, weights, prompt_ids.repeat(2, 1), prompt_mask.repeat(2, 1), **gen)
+    p_ids, p_mask = prompt_ids.repeat(2, 1), prompt_mask.repeat(2, 1)
+    if order is None:
+        ids, mask, logps = generate(models, weights, p_ids, p_mask, **gen)
+    else:
+        out = generate(models, weights[order], p_ids[order.to(p_ids.device)], p_mask[order.to(p_ids.device)], **gen)
+        ids, mask, logps = (torch.empty_like(t).index_copy_(0, order.to(t.device), t) for t in out)   # back to a, then b
     return dict(a=ids[:B], a_mask=mask[:B], a_logps=logps[:B], b=ids[B:], b_mask=mask[B:], b_logps=logps[B:],
                 src=src, forwards=forwards, score_forwards=0)
 
@@ -58,7 +64,12 @@ def pilaf(policy, ref, prompt_ids, prompt_mask, beta, gen):
     w_b = torch.where(coin, torch.tensor([1 - beta, beta], dtype=torch.float64), plain)    # (B, 2) pi- or pi
     src = [("pi+", "pi-") if c else ("pi", "pi") for c in coin[:, 0].tolist()]
     n_mixed = int(coin.sum())
-    return _pairs([policy, ref], torch.cat([w_a, w_b]), prompt_ids, prompt_mask, src, 4 * n_mixed + 2 * (B - n_mixed), gen)
+    # decoded with the pi+- rows first (their a rows, then their b rows), the plain rows after them: the
+    # reference's rows are then one slice of the batch, read as views rather than gathered at every token
+    mixed, plain_rows = coin[:, 0].nonzero()[:, 0], (~coin[:, 0]).nonzero()[:, 0]
+    order = torch.cat([mixed, mixed + B, plain_rows, plain_rows + B])
+    return _pairs([policy, ref], torch.cat([w_a, w_b]), prompt_ids, prompt_mask, src, 4 * n_mixed + 2 * (B - n_mixed),
+                  gen, order)
 
 def hybrid(policy, ref, prompt_ids, prompt_mask, beta, gen):
     """One response from the policy, one from the reference, in one loop (each model reads its B rows)."""
