@@ -16,20 +16,25 @@ iterative DPO: --iterations rounds of --labels/--iterations pairs, --epochs pass
     python train.py --resume out/pilaf-online-s0          # continue a killed run; its labels are reused
     python train.py --from_pairs out/pilaf-online-s0/pairs.jsonl --beta 0.2 --out out/beta0.2   # paid labels, new beta
     python train.py --policy gpt2 --oracle <rm folder> --prompts imdb --prompt_format imdb --prompt_column text
+    torchrun --standalone --nproc_per_node 2 train.py --sampler pilaf    # the same loop on 2 processes (DDP)
 """
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
 import sys
 import time
+from datetime import timedelta
 from functools import partial
 from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 import transformers
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
@@ -39,9 +44,18 @@ from oracle import Oracle
 from pilaf import SAMPLERS
 from sample import generate
 
+# ---- torchrun (DDP): main() sets these from the environment. A plain `python train.py` is rank 0 of 1
+# and runs none of the lines marked `if ddp`. Under torchrun every rank samples and labels its share of
+# each batch, all ranks train on the whole batch's pairs (DDP averages the gradients of their shares),
+# and rank 0 alone writes the run folder.
+ddp, rank, nproc = False, 0, 1
+SEED_STRIDE = 1_000_003   # rank r's generators start from seed + r * SEED_STRIDE (rank 0: the plain run's)
+
 def die(msg):
-    """Bad input: one line naming the fix, exit code 2 (like argparse), nothing else."""
-    print(f"train.py: error: {msg}", file=sys.stderr)
+    """Bad input: one line naming the fix, exit code 2 (like argparse), nothing else. Under torchrun
+    every rank finds the same mistake: rank 0 says it, the others leave quietly."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"train.py: error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 # -----------------------------------------------------------------------------
@@ -121,6 +135,10 @@ def check_options(args):
         die(f"--device {args.device} is not available here -- use --device cpu")
     if args.xpo_alpha and args.sampler != "hybrid":
         die("--xpo_alpha applies to --sampler hybrid only")
+    procs, per_round = int(os.environ.get("WORLD_SIZE", 1)), args.batch_size if args.mode == "online" else args.labels // args.iterations
+    if args.batch_size % procs or per_round % procs:
+        die(f"--batch_size ({args.batch_size}) and the pairs per round ({per_round}) must split evenly across the "
+            f"{procs} processes -- pick a --batch_size and --labels that are multiples of {procs}")
     if args.from_pairs and not os.path.isfile(args.from_pairs):
         die(f"--from_pairs {args.from_pairs}: no such file -- pass the pairs.jsonl of a run")
 
@@ -289,9 +307,9 @@ def collect(run, w, args, sampler, n):
         if w.source is not None:                                 # --from_pairs: paid labels, in their order
             batch = [dataclasses.replace(p, round=run.round, step=run.steps) for p in w.source[run.labels:run.labels + B]]
         else:
-            batch = sample_and_label(run, w, args, sampler, B, k)
+            batch = sample_and_label(run, w, args, sampler, B)
         batch[:k] = run.disk[run.labels:run.labels + k]
-        if k < B:
+        if rank == 0 and k < B:
             run.pairs_f.write("".join(json.dumps(dataclasses.asdict(p)) + "\n" for p in batch[k:]))   # one write
             run.pairs_f.flush()                                  # labels cost money: on disk before training
         run.labels, run.judged, run.reused = run.labels + B, run.judged + 2 * B, run.reused + k
@@ -299,17 +317,23 @@ def collect(run, w, args, sampler, n):
         run.bar.update(B)
     return pairs
 
-def sample_and_label(run, w, args, sampler, B, k):
-    """One batch: B prompts, a pair of responses for each, the oracle's label on all but the first k."""
-    texts = next_prompts(run, w.train_prompts, B)
+def sample_and_label(run, w, args, sampler, B):
+    """One batch: B prompts, a pair of responses for each, the oracle's label on those not yet on disk.
+    Under torchrun each rank makes the pairs of its B/nproc prompts; all ranks get the whole batch."""
+    texts = next_prompts(run, w.train_prompts, B)        # the same B prompts on every rank
+    lo, B = rank * B // nproc, B // nproc                 # this rank's share
+    texts, first = texts[lo:lo + B], run.labels + lo      # first: the global index of the share's first pair
+    k = max(0, min(B, len(run.disk) - first))             # of the share, pairs already on disk
     ids_p, mask_p = tokenize_prompts(w.tok, texts, args.device)
     ts = time.time()
     with run.amp():
         out = sampler(w.policy, w.ref, ids_p, mask_p, args.beta, run.gen)
     run.sample_s += time.time() - ts
-    run.forwards += out["forwards"]
-    run.score_forwards += out["score_forwards"]
-    run.tokens += int(out["a_mask"].sum() + out["b_mask"].sum())
+    cost = torch.tensor([out["forwards"], out["score_forwards"], int(out["a_mask"].sum() + out["b_mask"].sum())])
+    if ddp:
+        dist.all_reduce(cost)                              # the whole batch's sampling cost
+    forwards, score_forwards, tokens = cost.tolist()
+    run.forwards, run.score_forwards, run.tokens = run.forwards + forwards, run.score_forwards + score_forwards, run.tokens + tokens
     ta, tb = decode(w.tok, out["a"], out["a_mask"]), decode(w.tok, out["b"], out["b_mask"])
     pa, pb = unpad(out["a"], out["a_mask"]), unpad(out["b"], out["b_mask"])
     la, lb = ((out[f"{x}_logps"] * out[f"{x}_mask"]).sum(-1).tolist() for x in "ab")
@@ -319,10 +343,10 @@ def sample_and_label(run, w, args, sampler, B, k):
     a_wins, sa, sb = torch.zeros(B, dtype=torch.bool), torch.zeros(B), torch.zeros(B)
     if k < B:
         a_wins[k:], sa[k:], sb[k:] = w.oracle.label(texts[k:], ta[k:], tb[k:], args.label, u=u[k:])
-    for j, d in enumerate(run.disk[run.labels:run.labels + k]):
+    for j, d in enumerate(run.disk[first:first + k]):
         if d.prompt != texts[j] or sorted([d.chosen_ids, d.rejected_ids]) != sorted([pa[j], pb[j]]):
             if not run.diverged:
-                print(f"note: the replayed samples differ from {args.out}/pairs.jsonl at label {run.labels + j} "
+                print(f"note: the replayed samples differ from {args.out}/pairs.jsonl at label {first + j} "
                       f"(sampling is not bit-reproducible here); its saved labels are used as they are")
             run.diverged = True
     pp = unpad(ids_p, mask_p)
@@ -334,6 +358,10 @@ def sample_and_label(run, w, args, sampler, B, k):
         batch.append(Pair(round=run.round, step=run.steps, prompt=texts[j], chosen=c, rejected=r,
                           chosen_src=c_src, rejected_src=r_src, chosen_score=c_score, rejected_score=r_score,
                           prompt_ids=pp[j], chosen_ids=c_ids, rejected_ids=r_ids, chosen_logp=c_lp, rejected_logp=r_lp))
+    if ddp:   # every rank's share, in rank order: the batch in the order of its prompts
+        shares = [None] * nproc
+        dist.all_gather_object(shares, batch)
+        batch = [p for share in shares for p in share]
     return batch
 
 def next_prompts(run, train_prompts, B):
@@ -349,10 +377,12 @@ def update(run, w, args, pairs, epochs):
         run.rng.shuffle(pairs)
         for i in range(0, len(pairs), args.batch_size):
             batch = pairs[i:i + args.batch_size]
+            n = len(batch) // nproc
+            batch = batch[rank * n:(rank + 1) * n]            # this rank's share (all of it in a plain run)
             prompt, prompt_m, ch, ch_m, rj, rj_m = collate([(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in batch],
                                                            w.tok.pad_token_id, args.device)
             with run.amp():     # the forward only: backward runs outside, as autocast prescribes
-                pc, pr = pair_logps(w.policy, prompt, prompt_m, ch, ch_m, rj, rj_m)
+                pc, pr = pair_logps(run.model, prompt, prompt_m, ch, ch_m, rj, rj_m)   # run.model: DDP under torchrun
                 with torch.no_grad():
                     rc, rr = pair_logps(w.ref, prompt, prompt_m, ch, ch_m, rj, rj_m)
             losses, cr, rr_ = dpo_loss(pc, pr, rc, rr, args.beta)
@@ -361,22 +391,29 @@ def update(run, w, args, pairs, epochs):
                 ref_c = torch.tensor([p.chosen_src == "pi_ref" for p in batch], device=pc.device)
                 ref_r = torch.tensor([p.rejected_src == "pi_ref" for p in batch], device=pc.device)
                 loss = loss + args.xpo_alpha * (pc * ref_c + pr * ref_r).mean()
-            if not torch.isfinite(loss):
-                stop(run, f"the loss is {loss.item()}")
             run.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()                 # under torchrun DDP averages the ranks' gradients here
             norm = torch.nn.utils.clip_grad_norm_(w.policy.parameters(), 1.0)
-            if not torch.isfinite(norm):    # checked before the step: the weights stay the last good ones
+            stats = dict(loss=loss.item(), **reward_metrics(cr, rr_))
+            if ddp:                         # the whole batch's means (the ranks' shares are the same size)
+                t = torch.tensor(list(stats.values()), dtype=torch.float64)
+                dist.all_reduce(t)
+                stats = dict(zip(stats, (t / nproc).tolist()))
+            # checked before the step, the same on every rank: the weights stay the last good ones
+            if not math.isfinite(stats["loss"]):
+                stop(run, f"the loss is {stats['loss']}")
+            if not torch.isfinite(norm):
                 stop(run, f"the gradient norm is {norm.item()}")
             run.opt.step()
             run.steps += 1
-            run.train_log.append(dict(loss=loss.item(), **reward_metrics(cr, rr_)))
+            run.train_log.append(stats)
 
 def stop(run, why):
     """A non-finite loss or gradient: one line, nothing more written, the last checkpoint kept."""
     ck = checkpoint.latest(run.out)
-    print(f"train.py: stopped at step {run.steps + 1}: {why} -- nothing was written after the last good checkpoint "
-          f"({ck['labels']} labels, {ck['dir']}); lower --lr, or start again with another --seed", file=sys.stderr)
+    if rank == 0:
+        print(f"train.py: stopped at step {run.steps + 1}: {why} -- nothing was written after the last good checkpoint "
+              f"({ck['labels']} labels, {ck['dir']}); lower --lr, or start again with another --seed", file=sys.stderr)
     sys.exit(1)
 
 @torch.inference_mode()
@@ -385,8 +422,10 @@ def evaluate(policy, ref, tok, oracle, prompts, args, eos_id=None):
     The same generator seed at every evaluation: differences between evaluations and between
     samplers come from the policy, not from the draw."""
     eos_id = tok.eos_token_id if eos_id is None else eos_id
-    g = torch.Generator(args.device).manual_seed(args.seed + 12345)
+    g = torch.Generator(args.device).manual_seed(args.seed + 12345 + rank * SEED_STRIDE)
     texts = prompts * args.eval_samples
+    if ddp:
+        texts = texts[rank::nproc]                        # this rank's share; the means are reduced below
     ids_p, mask_p = tokenize_prompts(tok, texts, args.device)
     # temperature 1 whatever --temperature is: reward and KL(pi || pi_ref) of the policy itself
     ids, mask, _ = generate([policy], [1.0], ids_p, mask_p, args.max_new_tokens, eos_id, tok.pad_token_id, 1.0, g)
@@ -394,6 +433,10 @@ def evaluate(policy, ref, tok, oracle, prompts, args, eos_id=None):
     kl = log_ratio(policy, ref, ids_p, mask_p, ids, mask).float().cpu()
     eos = (torch.isin(ids, torch.tensor(eos_id, device=ids.device)) & mask.bool()).any(-1).float()
     m = dict(reward=reward.mean().item(), kl=kl.mean().item(), len=mask.sum(-1).float().mean().item(), eos=eos.mean().item())
+    if ddp:   # the means over all ranks' samples, each rank's mean weighted by its share
+        t = torch.tensor([len(texts)] + [len(texts) * v for v in m.values()], dtype=torch.float64)
+        dist.all_reduce(t)
+        m = dict(zip(m, (t[1:] / t[0]).tolist()))
     m["J"] = m["reward"] - args.beta * m["kl"]
     return m
 
@@ -406,10 +449,12 @@ def log(run, m):
     if run.train_log:
         m.update({k: sum(x[k] for x in run.train_log) / len(run.train_log) for k in run.train_log[0]})
         run.train_log.clear()
-    run.metrics_f.write(json.dumps(m) + "\n")
-    run.metrics_f.flush()
     run.metrics += 1
     run.last = m
+    if rank:
+        return
+    run.metrics_f.write(json.dumps(m) + "\n")
+    run.metrics_f.flush()
     tqdm.write(f"step {m['step']:4d} | labels {m['labels']:5d} | reward {m['reward']:6.3f} | KL {m['kl']:6.2f} | "
                f"J {m['J']:6.3f} | acc {m.get('acc', float('nan')):.2f} | len {m['len']:5.1f} | {m['time']:5.0f}s")
 
@@ -419,8 +464,14 @@ COUNTERS = ["round", "labels", "judged", "reused", "steps", "forwards", "score_f
 def save(run, w):
     """A checkpoint: everything the next round depends on (checkpoint.py says how it is written)."""
     state = {k: getattr(run, k) for k in COUNTERS}
-    state.update(time=time.time() - run.t0, python_rng=run.rng.getstate())
-    rngs = dict(torch=torch.get_rng_state(), sample=run.g_sample.get_state(), label=run.g_label.get_state())
+    state.update(time=time.time() - run.t0, python_rng=run.rng.getstate(), nproc=nproc)
+    gens = [(run.g_sample.get_state(), run.g_label.get_state())]          # one pair per rank
+    if ddp:
+        gens = [None] * nproc
+        dist.all_gather_object(gens, (run.g_sample.get_state(), run.g_label.get_state()))
+    if rank:
+        return
+    rngs = dict(torch=torch.get_rng_state(), sample=[s for s, _ in gens], label=[l for _, l in gens])
     checkpoint.save(run.out, f"labels-{run.labels:07d}", w.policy, w.tok, run.opt, rngs, state)
 
 # -----------------------------------------------------------------------------
@@ -443,9 +494,10 @@ def new_run(args, w, ck=None):
                           t0=time.time(), disk=[])
     torch.manual_seed(args.seed)
     run.rng = random.Random(args.seed)                                      # prompt order, minibatch order
-    run.g_sample = torch.Generator(args.device).manual_seed(args.seed)      # responses, coin flips
-    run.g_label = torch.Generator().manual_seed(args.seed + 1)              # Bradley-Terry labels
+    run.g_sample = torch.Generator(args.device).manual_seed(args.seed + rank * SEED_STRIDE)      # responses, coin flips
+    run.g_label = torch.Generator().manual_seed(args.seed + 1 + rank * SEED_STRIDE)              # Bradley-Terry labels
     run.opt = torch.optim.AdamW(w.policy.parameters(), lr=args.lr, weight_decay=0.0)
+    run.model = DDP(w.policy) if ddp else w.policy       # DDP: gradients averaged over the ranks in backward()
     # bf16: forwards under autocast, one fresh context per stage. Autocast keeps its bf16 copies of the
     # weights until the outermost context exits, so one context around the whole run would make every
     # forward read the initial weights while AdamW updates the float32 ones: a run that never learns.
@@ -454,6 +506,10 @@ def new_run(args, w, ck=None):
                    temperature=args.temperature, generator=run.g_sample)
     pairs_path, metrics_path = os.path.join(args.out, "pairs.jsonl"), os.path.join(args.out, "metrics.jsonl")
     if ck:
+        if ck.get("nproc", 1) != nproc:
+            die(f"--resume {args.out}: the run was made with {ck.get('nproc', 1)} processes, this is {nproc} "
+                f"-- resume it with torchrun --nproc_per_node {ck.get('nproc', 1)}" if ck.get("nproc", 1) > 1
+                else f"-- resume it with plain python train.py")
         for k in COUNTERS:
             setattr(run, k, ck[k])
         run.t0 -= ck["time"]
@@ -462,26 +518,31 @@ def new_run(args, w, ck=None):
         opt, rngs = checkpoint.load_tensors(ck["dir"])
         run.opt.load_state_dict(opt)
         torch.set_rng_state(rngs["torch"])
-        run.g_sample.set_state(rngs["sample"])
-        run.g_label.set_state(rngs["label"])
+        run.g_sample.set_state(rngs["sample"][rank])
+        run.g_label.set_state(rngs["label"][rank])
         # metrics after the checkpoint are made again, identically; pairs after it are reused as they are
-        checkpoint.write_lines(metrics_path, checkpoint.read_lines(metrics_path)[:ck["metrics"]])
         lines = checkpoint.read_lines(pairs_path)
         if len(lines) < ck["labels"]:
             die(f"--resume {args.out}: pairs.jsonl holds {len(lines)} pairs, fewer than its checkpoint's {ck['labels']} "
                 f"-- the folder was changed by hand; start again with --overwrite")
-        checkpoint.write_lines(pairs_path, lines)       # without a torn last line, if the kill left one
+        if rank == 0:
+            checkpoint.write_lines(metrics_path, checkpoint.read_lines(metrics_path)[:ck["metrics"]])
+            checkpoint.write_lines(pairs_path, lines)   # without a torn last line, if the kill left one
         try:
             run.disk = read_pairs(pairs_path, w.policy.config.vocab_size)
         except world.WorldError as e:
             die(str(e))
-        print(f"resuming {args.out} at {ck['labels']} labels; {len(lines) - ck['labels']} labels bought after that "
-              f"checkpoint are reused, not bought again")
-    run.pairs_f, run.metrics_f = open(pairs_path, "a"), open(metrics_path, "a")
+        if rank == 0:
+                print(f"resuming {args.out} at {ck['labels']} labels; {len(lines) - ck['labels']} labels bought after that "
+                  f"checkpoint are reused, not bought again")
+    if rank == 0:
+        run.pairs_f, run.metrics_f = open(pairs_path, "a"), open(metrics_path, "a")
     return run
 
 def finish(run, w, args):
     """The final policy, then summary.json, whose presence marks a finished run (both atomic)."""
+    if rank:
+        return
     tmp = os.path.join(args.out, ".policy")
     shutil.rmtree(tmp, ignore_errors=True)
     w.policy.save_pretrained(tmp)
@@ -497,17 +558,30 @@ def crossed(labels, per_round, every):
     return labels // every > (labels - per_round) // every
 
 def main(argv=None):
+    global ddp, rank, nproc
     args = get_args(argv)
     transformers.logging.disable_progress_bar()   # our own bar is enough
+    ddp = "RANK" in os.environ                    # ---- torchrun: one process per device
+    if ddp:
+        rank, nproc = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(args.device)
+        # a rank that dies takes the others down: torchrun stops the job, and no collective waits past the timeout
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo", timeout=timedelta(minutes=10))
+        if rank:
+            dist.barrier()                        # rank 0 builds the world (once) before the others read it
     ck = checkpoint.latest(args.out) if args.resume else None
     w = load(args, start_from=ck and os.path.join(ck["dir"], "policy"))
-    if not args.resume:
+    if ddp and rank == 0:
+        dist.barrier()
+    if not args.resume and rank == 0:
         start(args)
     run = new_run(args, w, ck)
     online = args.mode == "online"
     rounds = args.labels // args.batch_size if online else args.iterations
     per_round = args.batch_size if online else args.labels // args.iterations
-    run.bar = tqdm(total=args.labels, initial=run.labels, desc=f"{args.sampler}/{args.mode}", unit="label")
+    run.bar = tqdm(total=args.labels, initial=run.labels, desc=f"{args.sampler}/{args.mode}", unit="label", disable=rank > 0)
     if not args.resume:
         with run.amp():
             log(run, evaluate(w.policy, w.ref, w.tok, w.oracle, w.test_prompts, args, w.eos))
@@ -526,6 +600,8 @@ def main(argv=None):
             save(run, w)
     run.bar.close()
     finish(run, w, args)
+    if ddp:
+        dist.destroy_process_group()
     return run.last
 
 if __name__ == "__main__":
