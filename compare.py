@@ -9,7 +9,8 @@ identical budgets, in one command; then a table and two figures drawn from the r
 
 Each run is `python train.py --sampler S --mode M --seed X --out <out>/S-sX <args after -->`, one
 subprocess each, so a crash stays contained (its output goes to <out>/logs/S-sX.log). A run folder
-with summary.json is finished and never recomputed; one without it was interrupted: it is moved aside
+with summary.json is finished and never recomputed; one without it was interrupted: it continues from
+its last checkpoint (train.py --resume, its labels reused), or, with no checkpoint yet, is moved aside
 to <run>.interrupted-N (its labels were paid for) and run again. Finished runs made with another
 budget are refused ("mismatched budgets"): a comparison is only fair when every sampler gets the same labels, steps, learning rate and beta,
 and the same policy, oracle and prompts.
@@ -39,9 +40,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # (every train.py option that changes results, except those compare.py sets per run and --device)
 BUDGET_KEYS = ["labels", "batch_size", "iterations", "epochs", "lr", "beta", "max_new_tokens", "mode",
                "temperature", "policy", "init_from", "oracle", "prompts", "label", "n", "xpo_alpha", "eval_every",
-               "eval_prompts", "eval_samples", "prompt_column", "prompt_format", "train_split", "test_split", "dtype"]
+               "eval_prompts", "eval_samples", "prompt_column", "prompt_format", "train_split", "test_split", "dtype", "oracle_format",
+               "from_pairs"]
 WORLD_PARTS = ("policy", "oracle", "prompts")   # None: the embedded world's, as train.py resolves them
-RESERVED = ["--sampler", "--mode", "--seed", "--out", "--overwrite"]   # compare.py sets these per run
+RESERVED = ["--sampler", "--mode", "--seed", "--out", "--overwrite", "--resume"]   # compare.py sets these per run
 NAMES = {"vanilla": "Vanilla", "best_of_n": "Best-of-N", "hybrid": "Hybrid", "pilaf": "PILAF"}
 COLORS = {"vanilla": "tab:gray", "best_of_n": "tab:blue", "hybrid": "tab:green", "pilaf": "tab:red"}
 
@@ -123,12 +125,14 @@ def run_all(args):
         name = f"{s}-s{seed}"
         bar.set_postfix_str(name)
         d = run_dir(args.out, s, seed)
-        if os.path.exists(d):   # an interrupted run: its labels were paid for, so keep them aside
+        cmd = [sys.executable, os.path.join(HERE, "train.py"), *train_argv(args, s, seed)]
+        if os.path.exists(os.path.join(d, "checkpoint.json")):   # interrupted: continue it, its labels reused
+            cmd = [sys.executable, os.path.join(HERE, "train.py"), "--resume", d]
+        elif os.path.exists(d):   # interrupted before its first checkpoint: its labels were paid for, keep them aside
             k = 1
             while os.path.exists(f"{d}.interrupted-{k}"):
                 k += 1
             os.rename(d, f"{d}.interrupted-{k}")
-        cmd = [sys.executable, os.path.join(HERE, "train.py"), *train_argv(args, s, seed)]
         log = os.path.join(args.out, "logs", name + ".log")
         with open(log, "w") as f:
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, TQDM_DISABLE="1")).returncode

@@ -365,11 +365,12 @@ def sample_and_label(run, w, args, sampler, B):
     return batch
 
 def next_prompts(run, train_prompts, B):
-    """The next B training prompts of a shuffled order, refilled when used up."""
+    """The next B training prompts of a shuffled order, refilled when used up. The order is kept as
+    indices (a checkpoint stores what is left of it: small even for 100k prompts)."""
     while len(run.order) < B:
-        run.order += run.rng.sample(train_prompts, len(train_prompts))
-    texts, run.order = run.order[:B], run.order[B:]
-    return texts
+        run.order += run.rng.sample(range(len(train_prompts)), len(train_prompts))
+    picked, run.order = run.order[:B], run.order[B:]
+    return [train_prompts[i] for i in picked]
 
 def update(run, w, args, pairs, epochs):
     """DPO on a round's pairs: `epochs` shuffled passes of --batch_size pairs per step."""

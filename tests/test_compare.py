@@ -38,13 +38,20 @@ def test_micro_comparison_resumes_and_reports(tiny_world, tmp_path, capsys):
     assert sorted(before) == ["pilaf-s0", "pilaf-s1", "vanilla-s0", "vanilla-s1"]
     with open(os.path.join(out, "vanilla-s0", "config.json")) as f:
         assert json.load(f)["labels"] == 16
-    # an interrupted run (no summary.json) is rerun; finished ones are not touched
+    # an interrupted run (no summary.json) continues from its checkpoint, its labels reused; one killed
+    # before its first checkpoint is moved aside (labels kept) and run again; finished ones are not touched
     os.remove(os.path.join(out, "pilaf-s1", "summary.json"))
+    pairs = open(os.path.join(out, "pilaf-s1", "pairs.jsonl")).read()
+    os.remove(os.path.join(out, "vanilla-s1", "summary.json"))
+    os.remove(os.path.join(out, "vanilla-s1", "checkpoint.json"))
     compare.main(argv)
     after = mtimes(out)
     assert sorted(after) == sorted(before)
-    assert all(after[d] == before[d] for d in before if d != "pilaf-s1")
-    assert os.path.getsize(os.path.join(out, "pilaf-s1.interrupted-1", "pairs.jsonl")) > 0   # its labels kept
+    assert all(after[d] == before[d] for d in before if d not in ("pilaf-s1", "vanilla-s1"))
+    assert open(os.path.join(out, "pilaf-s1", "pairs.jsonl")).read() == pairs
+    assert not os.path.exists(os.path.join(out, "pilaf-s1.interrupted-1"))
+    assert "resuming" in open(os.path.join(out, "logs", "pilaf-s1.log")).read()
+    assert os.path.getsize(os.path.join(out, "vanilla-s1.interrupted-1", "pairs.jsonl")) > 0   # its labels kept
     # --only_report reads the folders and trains nothing
     compare.main(["--samplers", "vanilla", "pilaf", "--seeds", "0", "1", "--out", out, "--only_report"])
     assert mtimes(out) == after
