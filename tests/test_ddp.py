@@ -64,3 +64,37 @@ def test_a_batch_that_does_not_split_exits_in_one_line(tiny_world, tmp_path):
     assert ours == ["train.py: error: --batch_size (15) and the pairs per round (15) must split evenly across the 2 "
                     "processes -- pick a --batch_size and --labels that are multiples of 2"], p.stderr[-2000:]
     assert not os.path.exists(out)
+
+def test_two_processes_resume_after_a_kill(tiny_world, tmp_path):
+    """--resume under torchrun: the whole job killed mid-run (SIGKILL to every process), resumed with
+    2 processes again; the finished run equals an uninterrupted 2-process run."""
+    import signal
+    import time
+    argv = ["--labels", "128", "--batch_size", "16", "--save_every", "32"] + SMALL + world_args(tiny_world)
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    assert launch(argv + ["--out", full], 2).returncode == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "train.py")]
+    p = subprocess.Popen(torchrun + argv + ["--out", cut], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    pairs = os.path.join(cut, "pairs.jsonl")
+    while (not os.path.exists(pairs) or open(pairs).read().count("\n") < 48) and p.poll() is None:
+        time.sleep(0.005)
+    # torchrun and both ranks at once (the ranks run in sessions of their own: find them by their --out)
+    for pid in [int(d) for d in os.listdir("/proc") if d.isdigit()]:
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if cut.encode() in cmd:
+            os.kill(pid, signal.SIGKILL)
+    p.wait()
+    assert not os.path.exists(os.path.join(cut, "summary.json")), "the run ended before it could be killed"
+    r = launch(["--resume", cut], 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "reused, not bought again" in r.stdout and r.stdout.count("resuming") == 1      # rank 0 alone says it
+    assert open(pairs).read() == open(os.path.join(full, "pairs.jsonl")).read()
+    drop = lambda ms: [{k: v for k, v in m.items() if k not in ("time", "tok_per_s", "reused")} for m in ms]
+    assert drop(read_jsonl(os.path.join(cut, "metrics.jsonl"))) == drop(read_jsonl(os.path.join(full, "metrics.jsonl")))
+    a, b = (load_file(os.path.join(d, "policy", "model.safetensors")) for d in (full, cut))
+    assert all((a[k] == b[k]).all() for k in a)
