@@ -5,6 +5,13 @@ DPO (Rafailov et al. 2023), the loss every sampler in this repo trains with:
 
 beta*log(pi/pi_ref) is the implicit reward r_theta; PILAF's pi+/pi- are pi*exp(+-r_theta) renormalised
 token by token (paper Sec. 4), and Best-of-N ranks its candidates by it.
+
+PILAF chooses which pairs get labelled; the loss is a separate axis. With the margin of the log-ratios
+D = log(pi(y_w)/pi_ref(y_w)) - log(pi(y_l)/pi_ref(y_l)), `loss` picks one of the DPO family:
+    dpo     -log sigmoid(beta * D)
+    ipo     (D - 1/(2 beta))^2          (Azar et al. 2023: regresses the margin to a finite target)
+    hinge   max(0, 1 - beta * D)        (SLiC-style: no push once the margin clears 1/beta)
+The implicit rewards, accuracy and margin mean the same under all three.
 """
 import torch
 import torch.nn.functional as F
@@ -44,11 +51,22 @@ def pair_logps(model, prompt_ids, prompt_mask, chosen, chosen_mask, rejected, re
     return (sequence_logps(model, prompt_ids, prompt_mask, chosen, chosen_mask),
             sequence_logps(model, prompt_ids, prompt_mask, rejected, rejected_mask))
 
-def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
-    """Per-example DPO losses (B,), and the implicit rewards of chosen and rejected (B,), detached."""
+LOSSES = ("dpo", "ipo", "hinge")
+
+def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta, loss="dpo"):
+    """Per-example losses (B,) (DPO's, or IPO's or the hinge's, see above), and the implicit rewards
+    of chosen and rejected (B,), detached."""
     chosen_r = beta * (pi_chosen - ref_chosen)
     rejected_r = beta * (pi_rejected - ref_rejected)
-    losses = -F.logsigmoid(chosen_r - rejected_r)
+    if loss == "dpo":
+        losses = -F.logsigmoid(chosen_r - rejected_r)
+    elif loss == "ipo":
+        margin = (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)     # D, without beta
+        losses = (margin - 1 / (2 * beta)) ** 2
+    elif loss == "hinge":
+        losses = F.relu(1 - (chosen_r - rejected_r))
+    else:
+        raise ValueError(f"unknown loss '{loss}' (use one of {', '.join(LOSSES)})")
     return losses, chosen_r.detach(), rejected_r.detach()
 
 def reward_metrics(chosen_r, rejected_r):

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 import checkpoint
 import world
-from dpo import dpo_loss, log_ratio, pair_logps, reward_metrics
+from dpo import LOSSES, dpo_loss, log_ratio, pair_logps, reward_metrics
 from oracle import Oracle
 from pilaf import SAMPLERS
 from sample import generate
@@ -71,6 +71,7 @@ def parser():
     g.add_argument("--beta", type=float, default=0.1, help="DPO beta; also PILAF's interpolation weight and the KL weight in J")
     g.add_argument("--n", type=int, default=8, help="best_of_n: candidates per prompt")
     g.add_argument("--xpo_alpha", type=float, default=0.0, help="hybrid: XPO exploration term alpha*log pi(y_ref) added to the loss (0 = plain DPO)")
+    g.add_argument("--loss", default="dpo", choices=LOSSES, help="dpo: -log sigmoid(beta*D); ipo: (D - 1/(2 beta))^2; hinge: max(0, 1 - beta*D), D the log-ratio margin")
     g.add_argument("--label", default="bt", choices=["bt", "argmax"], help="oracle labels: Bradley-Terry draw, or always the higher score")
     g = p.add_argument_group("budget")
     g.add_argument("--labels", type=int, default=4096, help="preference labels in total (the annotation budget)")
@@ -386,7 +387,7 @@ def update(run, w, args, pairs, epochs):
                 pc, pr = pair_logps(run.model, prompt, prompt_m, ch, ch_m, rj, rj_m)   # run.model: DDP under torchrun
                 with torch.no_grad():
                     rc, rr = pair_logps(w.ref, prompt, prompt_m, ch, ch_m, rj, rj_m)
-            losses, cr, rr_ = dpo_loss(pc, pr, rc, rr, args.beta)
+            losses, cr, rr_ = dpo_loss(pc, pr, rc, rr, args.beta, args.loss)
             loss = losses.mean()
             if args.xpo_alpha:   # XPO: push down the log-likelihood of the reference's responses
                 ref_c = torch.tensor([p.chosen_src == "pi_ref" for p in batch], device=pc.device)

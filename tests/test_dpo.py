@@ -72,3 +72,21 @@ def test_response_only_logits_equal_full_logits_in_value_and_gradient():
     g2 = torch.autograd.grad(want.sum(), list(model.parameters()))
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+def test_ipo_and_hinge_losses_hand_computed():
+    """D = log-ratio margin = (-1 - -2) - (-3 - -2) = 2. IPO: (D - 1/(2 beta))^2; hinge: max(0, 1 - beta*D).
+    The implicit rewards are the same as DPO's whatever the loss."""
+    args = torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0])
+    for beta, ipo, hinge in ((0.5, (2 - 1) ** 2, 0.0), (0.1, (2 - 5) ** 2, 1 - 0.2), (0.25, 0.0, 0.5)):
+        got_ipo, cr, rr = dpo_loss(*args, beta, "ipo")
+        got_hinge, cr2, rr2 = dpo_loss(*args, beta, "hinge")
+        assert abs(got_ipo.item() - ipo) < 1e-6 and abs(got_hinge.item() - hinge) < 1e-6, beta
+        assert abs(cr.item() - beta) < 1e-6 and abs(rr.item() + beta) < 1e-6 and (cr, rr) == (cr2, rr2)
+
+def test_ipo_and_hinge_gradients():
+    pc = torch.tensor([-1.0], requires_grad=True)
+    dpo_loss(pc, torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), 0.1, "ipo")[0].sum().backward()
+    assert abs(pc.grad.item() - 2 * (2 - 5)) < 1e-5          # d/dpc (D - 5)^2 = 2 (D - 5)
+    pc.grad = None
+    dpo_loss(pc, torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), 0.1, "hinge")[0].sum().backward()
+    assert abs(pc.grad.item() - -0.1) < 1e-6                 # inside the hinge: d/dpc (1 - beta D) = -beta

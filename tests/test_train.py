@@ -1,5 +1,6 @@
 """train.py end to end on the tiny world, and its one-line errors for bad input."""
 import json
+import math
 import os
 
 import pytest
@@ -212,3 +213,17 @@ def test_a_response_ends_at_any_eos_id_of_the_generation_config(tiny_world, tmp_
 
 def test_oracle_format_chat_needs_a_template(tiny_world, capsys, tmp_path):
     bad(["--oracle_format", "chat", "--out", str(tmp_path / "run")] + world_args(tiny_world), capsys, "has no chat template")
+
+def test_the_loss_option_changes_the_update(tiny_world, tmp_path):
+    """Same pairs, same seed: IPO's first-step loss is (0 - 1/(2 beta))^2 = 25 at the reference (D = 0),
+    the hinge's is 1, DPO's log 2; and they move the policy differently (not at the first step: there
+    every pair has D = 0, all three gradients point the same way, and AdamW's first step is the same)."""
+    first, final = {}, {}
+    for loss in ("dpo", "ipo", "hinge"):
+        out = str(tmp_path / loss)
+        train.main(["--loss", loss, "--out", out] + MICRO + world_args(tiny_world) + ["--eval_every", "8"])
+        m = read_jsonl(os.path.join(out, "metrics.jsonl"))
+        first[loss], final[loss] = m[1]["loss"], m[-1]["kl"]
+    assert first["dpo"] == pytest.approx(math.log(2), abs=1e-3)
+    assert first["ipo"] == pytest.approx(25, abs=1e-2) and first["hinge"] == pytest.approx(1, abs=1e-3)
+    assert len({round(v, 6) for v in final.values()}) == 3
