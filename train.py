@@ -19,6 +19,7 @@ iterative DPO: --iterations rounds of --labels/--iterations pairs, --epochs pass
     torchrun --standalone --nproc_per_node 2 train.py --sampler pilaf    # the same loop on 2 processes (DDP)
 """
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -72,6 +73,7 @@ def parser():
     g.add_argument("--n", type=int, default=8, help="best_of_n: candidates per prompt")
     g.add_argument("--xpo_alpha", type=float, default=0.0, help="hybrid: XPO exploration term alpha*log pi(y_ref) added to the loss (0 = plain DPO)")
     g.add_argument("--loss", default="dpo", choices=LOSSES, help="dpo: -log sigmoid(beta*D); ipo: (D - 1/(2 beta))^2; hinge: max(0, 1 - beta*D), D the log-ratio margin")
+    g.add_argument("--reference", default="initial", choices=["initial", "behavior"], help="what the loss anchors to: the initial model, or (BPO) the policy that sampled the round's pairs; KL and J always use the initial model")
     g.add_argument("--label", default="bt", choices=["bt", "argmax"], help="oracle labels: Bradley-Terry draw, or always the higher score")
     g = p.add_argument_group("budget")
     g.add_argument("--labels", type=int, default=4096, help="preference labels in total (the annotation budget)")
@@ -140,6 +142,9 @@ def check_options(args):
     if args.batch_size % procs or per_round % procs:
         die(f"--batch_size ({args.batch_size}) and the pairs per round ({per_round}) must split evenly across the "
             f"{procs} processes -- pick a --batch_size and --labels that are multiples of {procs}")
+    if args.from_pairs and args.reference == "behavior":
+        die("--reference behavior anchors to the policy that sampled the pairs, which --from_pairs does not have "
+            "-- use --reference initial")
     if args.from_pairs and not os.path.isfile(args.from_pairs):
         die(f"--from_pairs {args.from_pairs}: no such file -- pass the pairs.jsonl of a run")
 
@@ -373,8 +378,9 @@ def next_prompts(run, train_prompts, B):
     picked, run.order = run.order[:B], run.order[B:]
     return [train_prompts[i] for i in picked]
 
-def update(run, w, args, pairs, epochs):
-    """DPO on a round's pairs: `epochs` shuffled passes of --batch_size pairs per step."""
+def update(run, w, args, pairs, epochs, anchor):
+    """DPO on a round's pairs: `epochs` shuffled passes of --batch_size pairs per step. `anchor` is
+    the loss's reference: the initial model, or (--reference behavior) the policy that sampled them."""
     for _ in range(epochs):
         run.rng.shuffle(pairs)
         for i in range(0, len(pairs), args.batch_size):
@@ -386,7 +392,7 @@ def update(run, w, args, pairs, epochs):
             with run.amp():     # the forward only: backward runs outside, as autocast prescribes
                 pc, pr = pair_logps(run.model, prompt, prompt_m, ch, ch_m, rj, rj_m)   # run.model: DDP under torchrun
                 with torch.no_grad():
-                    rc, rr = pair_logps(w.ref, prompt, prompt_m, ch, ch_m, rj, rj_m)
+                    rc, rr = pair_logps(anchor, prompt, prompt_m, ch, ch_m, rj, rj_m)
             losses, cr, rr_ = dpo_loss(pc, pr, rc, rr, args.beta, args.loss)
             loss = losses.mean()
             if args.xpo_alpha:   # XPO: push down the log-likelihood of the reference's responses
@@ -592,8 +598,12 @@ def main(argv=None):
         # the paper's iterative protocol: the first round is Vanilla for every sampler
         name = "vanilla" if (not online and r == 0) else args.sampler
         sampler = partial(SAMPLERS[name], n=args.n) if name == "best_of_n" else SAMPLERS[name]
+        # BPO (arXiv 2406.12168): the loss anchors to the behaviour policy, the frozen copy that sampled
+        # this round (online: the policy before the step). PILAF's pi+- still tilt against the initial
+        # model: against the behaviour policy itself they would equal pi.
+        anchor = copy.deepcopy(w.policy).requires_grad_(False) if args.reference == "behavior" else w.ref
         pairs = collect(run, w, args, sampler, per_round)
-        update(run, w, args, pairs, 1 if online else args.epochs)
+        update(run, w, args, pairs, 1 if online else args.epochs, anchor)
         run.round = r + 1
         if crossed(run.labels, per_round, args.eval_every) or r == rounds - 1:
             with run.amp():

@@ -227,3 +227,23 @@ def test_the_loss_option_changes_the_update(tiny_world, tmp_path):
     assert first["dpo"] == pytest.approx(math.log(2), abs=1e-3)
     assert first["ipo"] == pytest.approx(25, abs=1e-2) and first["hinge"] == pytest.approx(1, abs=1e-3)
     assert len({round(v, 6) for v in final.values()}) == 3
+
+def test_a_behavior_reference_anchors_each_step_to_the_policy_that_sampled(tiny_world, tmp_path):
+    """BPO, online: the loss's reference is the policy before the step, which also sampled the pairs,
+    so every step's loss is measured at D = 0, log 2; with the initial reference the later steps are
+    not. KL is still measured against the initial model, and the policy moves away from it."""
+    runs = {}
+    for ref in ("initial", "behavior"):
+        out = str(tmp_path / ref)
+        train.main(["--reference", ref, "--lr", "3e-3", "--out", out] + MICRO + world_args(tiny_world) + ["--eval_every", "8"])
+        runs[ref] = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert all(m["loss"] == pytest.approx(math.log(2), abs=1e-5) for m in runs["behavior"][1:])
+    assert all(m["margin"] == pytest.approx(0, abs=1e-6) for m in runs["behavior"][1:])
+    assert max(abs(m["loss"] - math.log(2)) for m in runs["initial"][2:]) > 1e-3
+    assert runs["behavior"][-1]["kl"] > 0.01 and runs["behavior"][-1]["kl"] != runs["initial"][-1]["kl"]
+
+def test_behavior_reference_needs_the_sampling_policy(tiny_world, capsys, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("")
+    bad(["--reference", "behavior", "--from_pairs", str(pairs), "--out", str(tmp_path / "run")] + world_args(tiny_world),
+        capsys, "--reference behavior anchors to the policy that sampled the pairs")
