@@ -63,16 +63,27 @@ def get_args(argv=None):
     p.add_argument("--mode", default="online", choices=["online", "iterative"], help="online or iterative DPO")
     p.add_argument("--samplers", nargs="+", default=["vanilla", "best_of_n", "hybrid", "pilaf"], choices=list(SAMPLERS),
                    metavar="NAME", help=f"pair samplers to compare, from {list(SAMPLERS)}")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run per sampler per seed")
+    p.add_argument("--seeds", nargs="+", default=["0-2"], help="one run per sampler per seed: seeds and ranges, e.g. 0-9 or 0 1 5-7")
     p.add_argument("--out", default=None, help="root folder of the runs; None: out/compare-<mode>")
     p.add_argument("--only_report", action="store_true", help="train nothing: read the finished runs, write the report")
     args = p.parse_args(argv)
+    args.seeds = parse_seeds(args.seeds)
     args.extra = extra
     args.out = args.out or os.path.join("out", f"compare-{args.mode}")
     for a in extra:
         if a.split("=")[0] in RESERVED:
             die(f"{a.split('=')[0]} after -- is set by compare.py; use compare.py's own --mode / --samplers / --seeds / --out")
     return args
+
+def parse_seeds(tokens):
+    """['0-2', '7'] -> [0, 1, 2, 7]; bad input exits 2 in one line."""
+    seeds = []
+    for t in tokens:
+        lo, _, hi = t.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()) or (hi and int(hi) < int(lo)):
+            die(f"--seeds: '{t}' is neither a seed nor a range like 0-9")
+        seeds += range(int(lo), int(hi or lo) + 1)
+    return list(dict.fromkeys(seeds))   # each seed once, in the order given
 
 def read_jsonl(path):
     with open(path) as f:
@@ -143,19 +154,32 @@ def run_all(args):
     return failed
 
 def load_runs(out, samplers, seeds):
-    """{sampler: [metrics list of each finished seed]}; unfinished or missing runs are left out."""
+    """{sampler: [metrics list of each finished seed, each row tagged with its seed]}; unfinished or
+    missing runs are left out."""
     runs = {}
     for s in samplers:
         for seed in seeds:
             d = run_dir(out, s, seed)
             if os.path.exists(os.path.join(d, "summary.json")):
-                runs.setdefault(s, []).append(read_jsonl(os.path.join(d, "metrics.jsonl")))
+                runs.setdefault(s, []).append([dict(m, seed=seed) for m in read_jsonl(os.path.join(d, "metrics.jsonl"))])
     return runs
 
 def mean_std(values):
     """Mean and sample standard deviation (ddof=1; 0 for a single seed)."""
     v = np.asarray(values, dtype=float)
     return v.mean(), (v.std(ddof=1) if len(v) > 1 else 0.0)
+
+# Student's t quantile t_{0.975, df}: a 95% interval for a mean over a handful of seeds (df = seeds - 1)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000}
+
+def mean_ci(values):
+    """Mean and the half-width of its 95% t-interval (nan for a single value)."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return v.mean(), float("nan")
+    t = T975[min((d for d in T975 if d >= len(v) - 1), default=60)] if len(v) - 1 <= 60 else 1.96
+    return v.mean(), t * v.std(ddof=1) / np.sqrt(len(v))
 
 def mean_curve(seed_runs, key):
     """Mean and std over seeds of `key` at each evaluation. Every seed evaluates at the same label
@@ -196,6 +220,21 @@ def report(runs, beta=0.1):
               "Vanilla 2, Best-of-N (N=8) 8 (+16 scoring passes), Hybrid 2, PILAF ≈3 sampling forwards; 2 responses "
               "judged per label. In iterative mode the first round is Vanilla for every sampler, so a sampler's "
               "forwards per pair average between Vanilla's 2 and its own."]
+    if "vanilla" in runs and len(runs) > 1:
+        # the same seed draws the same prompts (and labels' uniforms) for every sampler, so differences
+        # are paired by seed: their spread leaves out what the seeds share
+        lines += ["", "## Paired by seed: sampler − Vanilla at the end (mean ± 95% t-interval over seeds)", "",
+                  "| Sampler | seeds | Δ reward | Δ KL | Δ J |", "|---|---|---|---|---|"]
+        van = {m[0]["seed"]: m for m in runs["vanilla"]}
+        for s, r in runs.items():
+            if s == "vanilla":
+                continue
+            pairs = [(m, van[m[0]["seed"]]) for m in r if m[0]["seed"] in van]
+            cells = []
+            for k, fmt in (("reward", ".3f"), ("kl", ".2f"), ("J", ".3f")):
+                m, h = mean_ci([a[-1][k] - b[-1][k] for a, b in pairs])
+                cells.append(f"{m:+{fmt}} ± {h:{fmt}}")
+            lines.append(f"| {NAMES.get(s, s)} | {len(pairs)} | " + " | ".join(cells) + " |")
     if "vanilla" in runs:
         target = final["vanilla"]["J"][0]
         lines += ["", f"## Annotation efficiency: labels needed to reach Vanilla's final mean J ({target:.3f})", ""]

@@ -100,6 +100,18 @@ def test_statistics_by_hand(tmp_path):
     assert "| Hybrid | 1 | 0.300 ± 0.000 | **1.00 ± 0.00** | 0.200 ± 0.000 | 32 | 2 | 2.00 |" in text
     assert "| PILAF | 2 | **1.100 ± 0.141** | 3.00 ± 0.00 | **0.800 ± 0.141** | 32 | 2 | 3.00 |" in text
     assert "- Vanilla: 32 labels" in text and "- PILAF: 20 labels" in text and "- Hybrid: not reached" in text
+    # paired by seed: PILAF - Vanilla final J = 0.5 and 0.1, mean 0.3, sd 0.283, 95% t (df 1): 12.706 * 0.283 / sqrt 2
+    # Hybrid has seed 0 only: J 0.2 - 0.4 = -0.2, reward 0.3 - 0.6 = -0.3, no interval
+    # (Δ reward: 0.6 and 0.2, the same spread): half-width 12.706 * 0.2 = 2.541 for both
+    assert "| PILAF | 2 | +0.400 ± 2.541 | +1.00 ± 0.00 | +0.300 ± 2.541 |" in text, text
+    assert "| Hybrid | 1 | -0.300 ± nan | -1.00 ± nan | -0.200 ± nan |" in text
+
+def test_seeds_take_ranges(capsys):
+    assert compare.get_args(["--seeds", "0-3", "7", "2"]).seeds == [0, 1, 2, 3, 7]
+    for bad in ("0-x", "3-1", "-2", "a"):
+        with pytest.raises(SystemExit) as e:
+            compare.get_args(["--seeds", bad])
+        assert e.value.code == 2 and "is neither a seed nor a range like 0-9" in capsys.readouterr().err
 
 def test_bad_input_fails_in_one_line(tmp_path, capsys):
     out = str(tmp_path / "cmp")
