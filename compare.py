@@ -101,6 +101,8 @@ def resolved(cfg):
     as train.py does before it writes config.json (so a default run compares equal to its own config)."""
     return dict(cfg, **{k: cfg.get(k) or os.path.join(cfg["world"], k) for k in WORLD_PARTS if cfg.get("world")})
 
+DEFAULTS = {a.dest: a.default for a in train.parser()._actions if a.dest != "help"}   # train.py's defaults
+
 def check_budgets(args):
     """Refuse before any work if finished runs disagree with each other or with this command.
     -> the config the comparison uses (None if --only_report finds no finished run)"""
@@ -112,8 +114,8 @@ def check_budgets(args):
                 want = resolved(vars(train.get_args(train_argv(args, s, seed) + ["--overwrite"])))
             if not os.path.exists(os.path.join(d, "summary.json")):
                 continue
-            with open(os.path.join(d, "config.json")) as f:
-                have = resolved(json.load(f))
+            with open(os.path.join(d, "config.json")) as f:   # an option newer than the run: it ran with the default
+                have = resolved(dict(DEFAULTS, **json.load(f)))
             want = want or have     # --only_report: the first finished run sets the budget
             online = want.get("mode") == "online"   # online DPO has no iterations and one pass: those keys do not matter
             diff = [k for k in BUDGET_KEYS if have.get(k) != want.get(k) and not (online and k in ("iterations", "epochs"))]

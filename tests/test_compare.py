@@ -113,6 +113,22 @@ def test_seeds_take_ranges(capsys):
             compare.get_args(["--seeds", bad])
         assert e.value.code == 2 and "is neither a seed nor a range like 0-9" in capsys.readouterr().err
 
+def test_a_run_older_than_an_option_ran_with_its_default(tmp_path):
+    """Runs finished before --loss or --reference existed have no such key in config.json: they ran
+    with the default and still belong in a comparison that uses it."""
+    out = str(tmp_path / "cmp")
+    fake_run(out, "vanilla", 0, [0.0, 0.2, 0.4])
+    cfg_path = os.path.join(out, "vanilla-s0", "config.json")
+    cfg = json.load(open(cfg_path))
+    for k in ("loss", "reference", "oracle_format", "from_pairs"):
+        cfg.pop(k)
+    json.dump(cfg, open(cfg_path, "w"))
+    fake_run(out, "pilaf", 0, [0.0, 0.3, 0.5])
+    compare.main(["--samplers", "vanilla", "pilaf", "--seeds", "0", "--out", out, "--only_report"])
+    fake_run(out, "hybrid", 0, [0.0, 0.3, 0.5], loss="ipo")
+    with pytest.raises(SystemExit):
+        compare.main(["--samplers", "vanilla", "hybrid", "--seeds", "0", "--out", out, "--only_report"])
+
 def test_bad_input_fails_in_one_line(tmp_path, capsys):
     out = str(tmp_path / "cmp")
     fake_run(out, "vanilla", 0, [0.0, 0.2, 0.4], budget=32)
