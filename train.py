@@ -4,7 +4,8 @@ Online and iterative DPO with a choice of pair sampler. main() at the bottom is 
     for each round:
         collect    draw prompts -> the sampler makes pairs of responses with the current (frozen)
                    policy -> the oracle labels each pair (chosen / rejected) -> appended to <out>/pairs.jsonl
-        update     DPO on those pairs, reference fixed to the initial model
+        update     DPO on those pairs, the reference fixed to the initial model (--reference
+                   behavior: to the frozen policy that sampled them, as in BPO)
         evaluate   every --eval_every labels: reward, KL, J on held-out prompts -> <out>/metrics.jsonl
         save       every --save_every labels: a checkpoint (checkpoint.py), so --resume can continue
 
@@ -612,7 +613,9 @@ def main(argv=None):
             save(run, w)
     run.bar.close()
     finish(run, w, args)
-    if ddp:
+    if ddp:   # DDP's reducer goes first, while the group lives (freed at exit it can deadlock gloo's
+        run.model = None   # teardown), then every rank leaves together
+        dist.barrier()
         dist.destroy_process_group()
     return run.last
 
