@@ -15,6 +15,11 @@ removes that weight; as 1/sigmoid'(D) = 2 + e^D + e^-D that is a mixture of (pi,
 (pi+, pi-) pairs with pi+- ∝ pi*exp(+-r_theta) = pi^(1+-beta) * pi_ref^(-+beta) (r_theta =
 beta*log(pi/pi_ref)). PILAF gives each half of the mixture probability 1/2.
 
+What is sampled here is the paper's Sec. 4 realisation: pi+- mixed token by token (sample.generate),
+renormalised at every prefix. That is not the sequence-level pi*exp(+-r_theta) normalised over whole
+responses, which the argument above uses; it is close (notebook 02 enumerates every two-word reply: the
+two are about 0.005 apart in total variation where the tilt itself is 0.05) but not the same.
+
 Every sampler has the same signature and returns a dict:
     a, a_mask, b, b_mask  (B, L) response ids and masks, right-padded
     a_logps, b_logps      (B, L) each token's log-prob under the distribution it was drawn from
