@@ -26,23 +26,21 @@ import torch
 
 POINTER = "checkpoint.json"
 
-def write_json(path, obj):
+def write_text(path, text):
     """Atomically: a reader (or a resume after a kill) sees the old file or the new one, whole."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=1))
+
 def write_lines(path, lines):
     """Replace a .jsonl file by these lines, atomically."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text(path, "".join(lines))
 
 def read_lines(path):
     """The complete lines of a .jsonl file (a kill in the middle of a write can leave a torn last one)."""
@@ -84,6 +82,3 @@ def load_tensors(ckpt_dir):
     opt = torch.load(os.path.join(ckpt_dir, "optimizer.pt"), weights_only=True)
     rngs = torch.load(os.path.join(ckpt_dir, "rng.pt"), weights_only=True)
     return opt, rngs
-
-def size_bytes(ckpt_dir):
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(ckpt_dir) for f in fs)
