@@ -177,11 +177,11 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 
 def mean_ci(values):
     """Mean and the half-width of its 95% t-interval (nan for a single value)."""
-    v = np.asarray(values, dtype=float)
-    if len(v) < 2:
-        return v.mean(), float("nan")
-    t = T975[min((d for d in T975 if d >= len(v) - 1), default=60)] if len(v) - 1 <= 60 else 1.96
-    return v.mean(), t * v.std(ddof=1) / np.sqrt(len(v))
+    m, sd = mean_std(values)
+    if len(values) < 2:
+        return m, float("nan")
+    t = T975[min((d for d in T975 if d >= len(values) - 1), default=60)] if len(values) - 1 <= 60 else 1.96
+    return m, t * sd / np.sqrt(len(values))
 
 def mean_curve(seed_runs, key):
     """Mean and std over seeds of `key` at each evaluation. Every seed evaluates at the same label
