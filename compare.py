@@ -180,7 +180,8 @@ def mean_ci(values):
     m, sd = mean_std(values)
     if len(values) < 2:
         return m, float("nan")
-    t = T975[min((d for d in T975 if d >= len(values) - 1), default=60)] if len(values) - 1 <= 60 else 1.96
+    # between tabulated df, the nearest one below: its t is larger, so the interval is never too narrow
+    t = T975[max(d for d in T975 if d <= len(values) - 1)]
     return m, t * sd / np.sqrt(len(values))
 
 def mean_curve(seed_runs, key):

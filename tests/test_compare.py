@@ -83,6 +83,10 @@ def fake_run(out, sampler, seed, J, labels=(0, 16, 32), budget=32, **config):
 def test_statistics_by_hand(tmp_path):
     assert compare.mean_std([0.4, 0.6]) == pytest.approx((0.5, np.sqrt(0.02)))     # sample std, ddof=1
     assert compare.mean_std([0.7]) == (0.7, 0.0)
+    # 95% t-intervals: df 2 -> 4.303; df 11 (between the table's 10 and 12) -> 10's 2.228, the wider side
+    assert compare.mean_ci([0.0, 1.0, 2.0]) == pytest.approx((1.0, 4.303 / np.sqrt(3)))
+    twelve = [0.0, 1.0] * 6
+    assert compare.mean_ci(twelve) == pytest.approx((0.5, 2.228 * np.std(twelve, ddof=1) / np.sqrt(12)))
     assert compare.labels_to_reach([0, 16, 32], [0.0, 0.4, 0.8], 0.5) == pytest.approx(20.0)
     assert compare.labels_to_reach([0, 16, 32, 48], [0.0, 0.6, 0.2, 0.9], 0.5) == pytest.approx(16 * 5 / 6)  # first crossing
     assert compare.labels_to_reach([0, 16, 32], [0.0, 0.4, 0.8], -1.0) == 0.0
