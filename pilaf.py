@@ -50,8 +50,9 @@ def _pairs(models, weights, prompt_ids, prompt_mask, src, forwards, gen, order=N
     if order is None:
         ids, mask, logps = generate(models, weights, p_ids, p_mask, **gen)
     else:
-        out = generate(models, weights[order], p_ids[order.to(p_ids.device)], p_mask[order.to(p_ids.device)], **gen)
-        ids, mask, logps = (torch.empty_like(t).index_copy_(0, order.to(t.device), t) for t in out)   # back to a, then b
+        rows = order.to(p_ids.device)
+        out = generate(models, weights[order], p_ids[rows], p_mask[rows], **gen)
+        ids, mask, logps = (torch.empty_like(t).index_copy_(0, rows, t) for t in out)   # back to a, then b
     return dict(a=ids[:B], a_mask=mask[:B], a_logps=logps[:B], b=ids[B:], b_mask=mask[B:], b_logps=logps[B:],
                 src=src, forwards=forwards, score_forwards=0)
 
