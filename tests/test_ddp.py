@@ -4,9 +4,7 @@ import os
 import subprocess
 import sys
 
-import pytest
-from safetensors.torch import load_file
-
+from test_resume import TIMINGS, weights
 from test_train import read_jsonl, world_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,8 +46,8 @@ def test_one_dpo_update_is_the_same_on_two_processes(tiny_world, tmp_path):
         p = launch(["--from_pairs", os.path.join(src, "pairs.jsonl"), "--labels", "16", "--batch_size", "16",
                     "--out", out] + SMALL + world_args(tiny_world), nproc)
         assert p.returncode == 0, p.stderr[-3000:]
-        runs[nproc] = load_file(os.path.join(out, "policy", "model.safetensors"))
-    ref = load_file(os.path.join(tiny_world, "policy", "model.safetensors"))
+        runs[nproc] = weights(out)
+    ref = weights(tiny_world)
     one, two = runs[0], runs[2]
     assert max((one[k] - ref[k]).abs().max().item() for k in ref) > 1e-4                # the step moved the weights (AdamW: about lr = 3e-4)
     diff = max((one[k] - two[k]).abs().max().item() for k in one)
@@ -94,7 +92,7 @@ def test_two_processes_resume_after_a_kill(tiny_world, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "reused, not bought again" in r.stdout and r.stdout.count("resuming") == 1      # rank 0 alone says it
     assert open(pairs).read() == open(os.path.join(full, "pairs.jsonl")).read()
-    drop = lambda ms: [{k: v for k, v in m.items() if k not in ("time", "tok_per_s", "reused")} for m in ms]
+    drop = lambda ms: [{k: v for k, v in m.items() if k not in TIMINGS} for m in ms]
     assert drop(read_jsonl(os.path.join(cut, "metrics.jsonl"))) == drop(read_jsonl(os.path.join(full, "metrics.jsonl")))
-    a, b = (load_file(os.path.join(d, "policy", "model.safetensors")) for d in (full, cut))
+    a, b = weights(full), weights(cut)
     assert all((a[k] == b[k]).all() for k in a)
