@@ -174,7 +174,7 @@ def resume_args(argv, run):
 # the world: models, oracle and prompts
 
 def check_names(args):
-    """Every model and data set the user named, checked before the embedded world is built (3 minutes
+    """Every model and data set the user named, checked before the embedded world is built (4 minutes
     on a fresh machine) or any weights load. Returns the named prompts, or None for the world's."""
     for what, name in (("policy", args.policy), ("oracle", args.oracle), ("--init_from checkpoint", args.init_from)):
         if name:
