@@ -16,12 +16,11 @@ The implicit rewards, accuracy and margin mean the same under all three.
 import torch
 import torch.nn.functional as F
 
-def sequence_logps(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
-    """Summed log-prob of each response given its prompt, teacher-forced in one forward pass.
+def response_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
+    """Logits predicting each response token, teacher-forced in one forward pass. -> (B, L, V), at least float32
 
     prompt_ids/mask: (B, P) left-padded; resp_ids/mask: (B, L) right-padded (EOS counted, padding not).
     Positions come from the attention mask, as in sample.generate, so the numbers match sampling.
-    Returns (B,).
     """
     ids = torch.cat([prompt_ids, resp_ids], dim=1)                 # (B, P+L)
     attn = torch.cat([prompt_mask, resp_mask], dim=1).long()       # (B, P+L)
@@ -31,7 +30,11 @@ def sequence_logps(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
     # response token; the final position predicts nothing): at a 50k vocabulary the prompt's logits
     # would be most of the step's memory, and no token of the prompt is scored.
     logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=L + 1).logits[:, :-1]  # (B, L, V)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+def sequence_logps(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
+    """Summed log-prob of each response given its prompt (shapes as in response_logits). -> (B,)"""
+    logits = response_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask)          # (B, L, V)
     # log softmax at the response tokens only: gathered logit - logsumexp, no second (B, L, V) tensor
     lp = logits.gather(2, resp_ids[:, :, None]).squeeze(-1) - logits.logsumexp(-1)   # (B, L)
     return (lp * resp_mask).sum(-1)
@@ -41,6 +44,26 @@ def log_ratio(policy, ref, prompt_ids, prompt_mask, resp_ids, resp_mask):
     its mean over policy samples the sequence KL."""
     return (sequence_logps(policy, prompt_ids, prompt_mask, resp_ids, resp_mask)
             - sequence_logps(ref, prompt_ids, prompt_mask, resp_ids, resp_mask))
+
+@torch.no_grad()
+def kl_estimates(policy, ref, prompt_ids, prompt_mask, resp_ids, resp_mask, chunk=32):
+    """Two estimates of KL(pi || pi_ref) from responses y sampled from pi, one value per response:
+
+        exact    sum_t KL(pi(.|x, y<t) || pi_ref(.|x, y<t)), summed over the vocabulary at every prefix y visited
+        sampled  log pi(y|x) - log pi_ref(y|x)
+
+    Both have the sequence KL as their expectation (the exact one is the sampled one with each token's
+    draw averaged out, given the prefix), and the exact one has the lower variance. -> (B,), (B,)
+    A chunk of rows at a time: (chunk, L, V) log-probs of two models at once, not (B, L, V)."""
+    exact, sampled = [], []
+    for i in range(0, len(resp_ids), chunk):
+        rows = [t[i:i + chunk] for t in (prompt_ids, prompt_mask, resp_ids, resp_mask)]
+        lp = torch.log_softmax(response_logits(policy, *rows), -1)                       # (b, L, V)
+        d = lp - torch.log_softmax(response_logits(ref, *rows), -1)                      # log pi - log pi_ref
+        m = rows[3]
+        exact.append(((lp.exp() * d).sum(-1) * m).sum(-1))
+        sampled.append((d.gather(2, rows[2][:, :, None]).squeeze(-1) * m).sum(-1))
+    return torch.cat(exact), torch.cat(sampled)
 
 def pair_logps(model, prompt_ids, prompt_mask, chosen, chosen_mask, rejected, rejected_mask):
     """Log-probs of chosen and rejected responses to the same prompts. -> (B,), (B,)

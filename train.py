@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import checkpoint
 import world
-from dpo import LOSSES, dpo_loss, log_ratio, pair_logps, reward_metrics
+from dpo import LOSSES, dpo_loss, kl_estimates, pair_logps, reward_metrics
 from oracle import Oracle
 from pilaf import SAMPLERS
 from sample import generate
@@ -427,7 +427,9 @@ def stop(run, why):
 
 @torch.inference_mode()
 def evaluate(policy, ref, tok, oracle, prompts, args, eos_id=None):
-    """Reward, KL and J of the current policy on held-out prompts (paper Sec. 6: J = reward - beta*KL).
+    """Reward, KL and J of the current policy on held-out prompts (paper Sec. 6: J = reward - beta*KL),
+    each with its standard error. KL is the exact per-token sum along the sampled responses
+    (dpo.kl_estimates); the plain sampled log-ratio is logged beside it as kl_sampled.
     The same generator seed at every evaluation: differences between evaluations and between
     samplers come from the policy, not from the draw."""
     eos_id = tok.eos_token_id if eos_id is None else eos_id
@@ -439,14 +441,20 @@ def evaluate(policy, ref, tok, oracle, prompts, args, eos_id=None):
     # temperature 1 whatever --temperature is: reward and KL(pi || pi_ref) of the policy itself
     ids, mask, _ = generate([policy], [1.0], ids_p, mask_p, args.max_new_tokens, eos_id, tok.pad_token_id, 1.0, g)
     reward = oracle.score(texts, decode(tok, ids, mask))
-    kl = log_ratio(policy, ref, ids_p, mask_p, ids, mask).float().cpu()
-    eos = (torch.isin(ids, torch.tensor(eos_id, device=ids.device)) & mask.bool()).any(-1).float()
-    m = dict(reward=reward.mean().item(), kl=kl.mean().item(), len=mask.sum(-1).float().mean().item(), eos=eos.mean().item())
-    if ddp:   # the means over all ranks' samples, each rank's mean weighted by its share
-        t = torch.tensor([len(texts)] + [len(texts) * v for v in m.values()], dtype=torch.float64)
+    kl, kl_sampled = kl_estimates(policy, ref, ids_p, mask_p, ids, mask)
+    eos = (torch.isin(ids, torch.tensor(eos_id, device=ids.device)) & mask.bool()).any(-1)
+    # one value per response; J per response = reward - beta*KL, so its standard error counts their covariance
+    vals = dict(reward=reward, kl=kl, kl_sampled=kl_sampled, J=reward - args.beta * kl.cpu(), len=mask.sum(-1), eos=eos)
+    names, X = list(vals), torch.stack([v.double().cpu() for v in vals.values()])     # (6, N)
+    t = torch.cat([X.new_tensor([X.shape[1]]), X.sum(1), (X ** 2).sum(1)])
+    if ddp:   # counts, sums and sums of squares over every rank's samples
         dist.all_reduce(t)
-        m = dict(zip(m, (t[1:] / t[0]).tolist()))
-    m["J"] = m["reward"] - args.beta * m["kl"]
+    n, s, sq = t[0], t[1:len(names) + 1], t[len(names) + 1:]
+    mean = s / n
+    # standard error of each mean, the responses taken as independent draws (the prompts are fixed)
+    se = ((sq - n * mean ** 2).clamp(min=0) / (n - 1) / n).sqrt() if n > 1 else torch.full_like(mean, float("nan"))
+    m = dict(zip(names, mean.tolist()))
+    m.update({f"{k}_se": v for k, v in zip(names, se.tolist()) if k in ("reward", "kl", "kl_sampled", "J")})
     return m
 
 def log(run, m):

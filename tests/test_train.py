@@ -28,6 +28,8 @@ def test_online_pilaf_run_writes_everything(tiny_world, tmp_path):
     assert [m["labels"] for m in metrics] == [0, 16, 32] and [m["step"] for m in metrics] == [0, 2, 4]
     assert metrics[0]["kl"] == pytest.approx(0, abs=1e-5)       # the policy starts as the reference
     assert metrics[-1] == last and last["J"] == pytest.approx(last["reward"] - 0.1 * last["kl"])
+    assert metrics[0]["kl_sampled"] == pytest.approx(0, abs=1e-5) and metrics[0]["kl_se"] == pytest.approx(0, abs=1e-5)
+    assert all(0 < last[k] < 1 for k in ("reward_se", "J_se")) and last["kl_se"] > 0 and last["kl_sampled_se"] > 0
     assert len(pairs) == 32 and {p["chosen_src"] for p in pairs} <= {"pi", "pi+", "pi-"}
     assert 2 <= last["fwd_per_pair"] <= 4 and last["judged_per_label"] == 2
     with open(os.path.join(out, "config.json")) as f:
@@ -247,3 +249,18 @@ def test_behavior_reference_needs_the_sampling_policy(tiny_world, capsys, tmp_pa
     pairs.write_text("")
     bad(["--reference", "behavior", "--from_pairs", str(pairs), "--out", str(tmp_path / "run")] + world_args(tiny_world),
         capsys, "--reference behavior anchors to the policy that sampled the pairs")
+
+def test_evaluate_standard_errors_hand_computed(tiny_world):
+    """An oracle that scores response i as i: the reward's mean and standard error are those of
+    0..N-1 (mean (N-1)/2, sd sqrt(N(N+1)/12), se sd/sqrt(N)); the policy is the reference, so both KL
+    estimates and their errors are 0 and J's error is the reward's."""
+    policy, tok = world.load_policy(os.path.join(tiny_world, "policy"))
+    class Counting:
+        def score(self, prompts, responses):
+            return torch.arange(len(prompts), dtype=torch.float32)
+    prompts = ["hello there", "my order is late", "reset my password"]
+    args = train.get_args(["--eval_samples", "4", "--max_new_tokens", "5", "--out", "unused"])
+    m = train.evaluate(policy, policy, tok, Counting(), prompts, args)
+    N = 12
+    assert m["reward"] == pytest.approx((N - 1) / 2) and m["reward_se"] == pytest.approx(math.sqrt(N * (N + 1) / 12) / math.sqrt(N))
+    assert m["kl"] == m["kl_sampled"] == m["kl_se"] == 0 and m["J_se"] == pytest.approx(m["reward_se"])
