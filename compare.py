@@ -6,6 +6,7 @@ identical budgets, in one command; then a table and two figures drawn from the r
     python compare.py --mode online -- --labels 256           # anything after -- goes to every train.py run
     python compare.py --mode online --out out/robust -- --init_from out/overfit/policy
     python compare.py --mode iterative --only_report          # just read the finished runs again
+    python compare.py --seeds 0-9 --grid loss=dpo,ipo reference=initial,behavior   # more axes: a folder per point
 
 Each run is `python train.py --sampler S --mode M --seed X --out <out>/S-sX <args after -->`, one
 subprocess each, so a crash stays contained (its output goes to <out>/logs/S-sX.log). A run folder
@@ -15,16 +16,23 @@ to <run>.interrupted-N (its labels were paid for) and run again. Finished runs m
 budget are refused ("mismatched budgets"): a comparison is only fair when every sampler gets the same labels, steps, learning rate and beta,
 and the same policy, oracle and prompts.
 
-Writes <out>/results.md (Table 2's shape: final reward, KL and J = reward - beta*KL, mean +- std over
-seeds; Table 1's costs: labels, responses judged per label, sampling forwards per pair; and the
-labels each sampler needed to reach Vanilla's final J), <out>/reward_kl.png (reward vs KL, Figures
-2-3) and <out>/j_labels.png (J vs labels: annotation efficiency).
+Writes <out>/results.md (Table 2's shape: final reward, KL and J = reward - beta*KL, mean +- a 95%
+t-interval over seeds; each sampler minus Vanilla, paired by seed; Table 1's costs: labels, responses
+judged per label, sampling forwards per pair; and the labels each sampler needed to reach Vanilla's
+final J, with a bootstrap interval over seeds), <out>/reward_kl.png (reward vs KL, Figures 2-3) and
+<out>/j_labels.png (J vs labels: annotation efficiency).
+
+--grid adds axes beyond sampler and seed: any train.py option, each with a list of values. Every
+combination gets its own folder <out>/<key>-<value>_... holding the runs, report and figures above,
+and <out>/results.md gathers them in one table (each point's J and its paired difference to Vanilla).
 """
 import argparse
+import itertools
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import matplotlib
 matplotlib.use("Agg")
@@ -64,16 +72,54 @@ def get_args(argv=None):
     p.add_argument("--samplers", nargs="+", default=["vanilla", "best_of_n", "hybrid", "pilaf"], choices=list(SAMPLERS),
                    metavar="NAME", help=f"pair samplers to compare, from {list(SAMPLERS)}")
     p.add_argument("--seeds", nargs="+", default=["0-2"], help="one run per sampler per seed: seeds and ranges, e.g. 0-9 or 0 1 5-7")
+    p.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
+                   help="more axes: train.py options with their values, e.g. loss=dpo,ipo reference=initial,behavior")
     p.add_argument("--out", default=None, help="root folder of the runs; None: out/compare-<mode>")
     p.add_argument("--only_report", action="store_true", help="train nothing: read the finished runs, write the report")
     args = p.parse_args(argv)
     args.seeds = parse_seeds(args.seeds)
+    args.grid = parse_grid(args.grid)
     args.extra = extra
     args.out = args.out or os.path.join("out", f"compare-{args.mode}")
     for a in extra:
         if a.split("=")[0] in RESERVED:
             die(f"{a.split('=')[0]} after -- is set by compare.py; use compare.py's own --mode / --samplers / --seeds / --out")
+        if a.split("=")[0].lstrip("-") in dict(args.grid):
+            die(f"{a.split('=')[0]} is both a --grid axis and fixed after -- ; keep one")
     return args
+
+OPTIONS = {a.dest for a in train.parser()._actions if a.dest != "help"}   # what a --grid axis can be
+
+def parse_grid(tokens):
+    """['loss=dpo,ipo', 'reference=initial,behavior'] -> [('loss', ['dpo', 'ipo']), ('reference', [...])];
+    bad input exits 2 in one line (bad values: train.py's own check, before any run starts)."""
+    axes = []
+    for t in tokens:
+        key, eq, vals = t.partition("=")
+        key = key.lstrip("-")
+        if key in ("sampler", "seed"):
+            die(f"--grid {key}: samplers and seeds are axes already -- use compare.py's --{key}s")
+        if "--" + key in RESERVED:
+            die(f"--grid {key}: compare.py sets --{key} itself -- leave it out of the grid (one compare.py per --mode)")
+        if key not in OPTIONS:
+            die(f"--grid: train.py has no option --{key} (see python train.py --help)")
+        if not eq or "" in vals.split(","):
+            die(f"--grid: '{t}' is not KEY=V1,V2,... (e.g. loss=dpo,ipo)")
+        if key in dict(axes):
+            die(f"--grid: {key} is given twice -- list all its values once, {key}=V1,V2")
+        axes.append((key, vals.split(",")))
+    return axes
+
+def points(args):
+    """One comparison per combination of the grid's values, each in its own folder with its values
+    passed to every train.py run; without --grid, the one comparison in --out."""
+    out = []
+    for combo in itertools.product(*[[(k, v) for v in vals] for k, vals in args.grid]):
+        name = "_".join(f"{k}-{v}" for k, v in combo).replace(os.sep, "+")
+        out.append(SimpleNamespace(**dict(vars(args), out=os.path.join(args.out, name) if combo else args.out,
+                                          extra=args.extra + [x for k, v in combo for x in (f"--{k}", v)]),
+                                   point=dict(combo)))
+    return out
 
 def parse_seeds(tokens):
     """['0-2', '7'] -> [0, 1, 2, 7]; bad input exits 2 in one line."""
@@ -150,7 +196,7 @@ def run_all(args):
         with open(log, "w") as f:
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, TQDM_DISABLE="1")).returncode
         if rc:
-            failed.append(name)
+            failed.append(os.path.join(os.path.basename(args.out), name) if args.point else name)
             with open(log) as f:
                 tqdm.write(f"{name} failed (exit {rc}), see {log}:\n" + "".join(f.readlines()[-5:]))
     return failed
@@ -201,16 +247,39 @@ def labels_to_reach(labels, J, target):
             return float(labels[i - 1] + (target - J[i - 1]) / (J[i] - J[i - 1]) * (labels[i] - labels[i - 1]))
     return None
 
+def reach_interval(r, van, resamples=2000):
+    """95% bootstrap interval of labels_to_reach(sampler's mean J curve, Vanilla's final mean J): the
+    seeds both share are drawn with replacement, the same draw for both (paired), a fixed generator.
+    -> (low, high), inf where the curve does not reach the target; None with fewer than 2 seeds."""
+    van = {m[0]["seed"]: m for m in van}
+    pairs = [(m, van[m[0]["seed"]]) for m in r if m[0]["seed"] in van]
+    if len(pairs) < 2:
+        return None
+    rng, got = np.random.default_rng(0), []
+    for _ in range(resamples):
+        pick = [pairs[i] for i in rng.integers(len(pairs), size=len(pairs))]
+        target = np.mean([v[-1]["J"] for _, v in pick])
+        n = labels_to_reach(mean_curve([m for m, _ in pick], "labels")[0], mean_curve([m for m, _ in pick], "J")[0], target)
+        got.append(np.inf if n is None else n)
+    return np.quantile(got, 0.025, method="lower"), np.quantile(got, 0.975, method="higher")
+
+def paired(runs, s, k):
+    """Final `k` of sampler s minus Vanilla's, one difference per seed both ran: the same seed draws
+    the same prompts (and labels' uniforms) for every sampler, so the spread leaves out what seeds share."""
+    van = {m[0]["seed"]: m for m in runs["vanilla"]}
+    return [m[-1][k] - van[m[0]["seed"]][-1][k] for m in runs[s] if m[0]["seed"] in van]
+
 def report(runs, beta=0.1):
-    """results.md: the paper's Table 2 (final reward, KL, J: mean +- std over seeds), Table 1's
-    costs, and the labels each sampler needed to reach Vanilla's final mean J."""
-    final = {s: {k: mean_std([m[-1][k] for m in r]) for k in ("reward", "kl", "J", "labels", "judged_per_label",
-                                                             "fwd_per_pair", "score_fwd_per_pair")} for s, r in runs.items()}
+    """results.md: the paper's Table 2 (final reward, KL, J: mean +- 95% t-interval over seeds), the
+    same paired with Vanilla by seed, Table 1's costs, and the labels each sampler needed to reach
+    Vanilla's final mean J."""
+    final = {s: {k: mean_ci([m[-1][k] for m in r]) for k in ("reward", "kl", "J", "labels", "judged_per_label",
+                                                            "fwd_per_pair", "score_fwd_per_pair")} for s, r in runs.items()}
     best = {"reward": max(final, key=lambda s: final[s]["reward"][0]), "kl": min(final, key=lambda s: final[s]["kl"][0]),
             "J": max(final, key=lambda s: final[s]["J"][0])}
     def cell(s, k, fmt):
-        m, sd = final[s][k]
-        txt = f"{m:{fmt}} ± {sd:{fmt}}"
+        m, h = final[s][k]
+        txt = f"{m:{fmt}} ± {h:{fmt}}"
         return f"**{txt}**" if best.get(k) == s and len(final) > 1 else txt
     lines = ["| Sampler | seeds | reward ↑ | KL ↓ | J = reward − β·KL ↑ | labels | judged / label | sampling fwd / pair |",
              "|---|---|---|---|---|---|---|---|"]
@@ -219,31 +288,47 @@ def report(runs, beta=0.1):
         fwd = f"{f['fwd_per_pair'][0]:.2f}" + (f" (+{f['score_fwd_per_pair'][0]:.0f} scoring)" if f["score_fwd_per_pair"][0] else "")
         lines.append(f"| {NAMES.get(s, s)} | {len(r)} | {cell(s, 'reward', '.3f')} | {cell(s, 'kl', '.2f')} | "
                      f"{cell(s, 'J', '.3f')} | {f['labels'][0]:.0f} | {f['judged_per_label'][0]:.0f} | {fwd} |")
-    lines += ["", f"Final evaluation, mean ± std over seeds; β = {beta}. Paper Table 1 costs per labelled pair: "
-              "Vanilla 2, Best-of-N (N=8) 8 (+16 scoring passes), Hybrid 2, PILAF ≈3 sampling forwards; 2 responses "
-              "judged per label. In iterative mode the first round is Vanilla for every sampler, so a sampler's "
-              "forwards per pair average between Vanilla's 2 and its own."]
+    lines += ["", f"Final evaluation, mean ± 95% t-interval over seeds (nan for one seed); β = {beta}. Paper Table 1 "
+              "costs per labelled pair: Vanilla 2, Best-of-N (N=8) 8 (+16 scoring passes), Hybrid 2, PILAF ≈3 sampling "
+              "forwards; 2 responses judged per label. In iterative mode the first round is Vanilla for every sampler, "
+              "so a sampler's forwards per pair average between Vanilla's 2 and its own."]
     if "vanilla" in runs and len(runs) > 1:
-        # the same seed draws the same prompts (and labels' uniforms) for every sampler, so differences
-        # are paired by seed: their spread leaves out what the seeds share
         lines += ["", "## Paired by seed: sampler − Vanilla at the end (mean ± 95% t-interval over seeds)", "",
                   "| Sampler | seeds | Δ reward | Δ KL | Δ J |", "|---|---|---|---|---|"]
-        van = {m[0]["seed"]: m for m in runs["vanilla"]}
-        for s, r in runs.items():
-            if s == "vanilla":
-                continue
-            pairs = [(m, van[m[0]["seed"]]) for m in r if m[0]["seed"] in van]
-            cells = []
-            for k, fmt in (("reward", ".3f"), ("kl", ".2f"), ("J", ".3f")):
-                m, h = mean_ci([a[-1][k] - b[-1][k] for a, b in pairs])
-                cells.append(f"{m:+{fmt}} ± {h:{fmt}}")
-            lines.append(f"| {NAMES.get(s, s)} | {len(pairs)} | " + " | ".join(cells) + " |")
+        for s in runs:
+            if s != "vanilla":
+                cells = [f"{m:+{fmt}} ± {h:{fmt}}" for k, fmt in (("reward", ".3f"), ("kl", ".2f"), ("J", ".3f"))
+                         for m, h in [mean_ci(paired(runs, s, k))]]
+                lines.append(f"| {NAMES.get(s, s)} | {len(paired(runs, s, 'J'))} | " + " | ".join(cells) + " |")
     if "vanilla" in runs:
         target = final["vanilla"]["J"][0]
-        lines += ["", f"## Annotation efficiency: labels needed to reach Vanilla's final mean J ({target:.3f})", ""]
+        lines += ["", f"## Annotation efficiency: labels needed to reach Vanilla's final mean J ({target:.3f})", "",
+                  "Where the mean J curve over seeds first reaches it; in brackets a 95% bootstrap interval over "
+                  "seeds (paired with Vanilla's; coarse with a handful of seeds).", ""]
         for s, r in runs.items():
             n = labels_to_reach(mean_curve(r, "labels")[0], mean_curve(r, "J")[0], target)
-            lines.append(f"- {NAMES.get(s, s)}: " + ("not reached" if n is None else f"{n:.0f} labels"))
+            ci = reach_interval(r, runs["vanilla"])
+            ci = "" if ci is None else " [" + " – ".join("not reached" if np.isinf(x) else f"{x:.0f}" for x in ci) + "]"
+            lines.append(f"- {NAMES.get(s, s)}: " + ("not reached" if n is None else f"{n:.0f} labels") + ci)
+    return "\n".join(lines) + "\n"
+
+def grid_report(done, beta=0.1):
+    """One row per grid point: each sampler's final J (mean +- 95% t-interval) and, beside Vanilla's,
+    each other sampler's paired difference to it."""
+    samplers = list(dict.fromkeys(s for _, runs in done for s in runs))
+    others = [s for s in samplers if s != "vanilla"] if "vanilla" in samplers else []
+    keys = list(done[0][0].point)
+    lines = ["| " + " | ".join(keys + ["seeds"] + [f"{NAMES.get(s, s)} J" for s in samplers] +
+                                [f"{NAMES.get(s, s)} − Vanilla Δ J" for s in others]) + " |",
+             "|" + "---|" * (len(keys) + 1 + len(samplers) + len(others))]
+    for p, runs in done:
+        cells = [str(p.point[k]) for k in keys] + [str(max(len(r) for r in runs.values()))]
+        cells += ["{:.3f} ± {:.3f}".format(*mean_ci([m[-1]["J"] for m in runs[s]])) if s in runs else "–" for s in samplers]
+        cells += ["{:+.3f} ± {:.3f}".format(*mean_ci(paired(runs, s, "J"))) if s in runs and "vanilla" in runs else "–"
+                  for s in others]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Final J = reward − {beta}·KL, mean ± 95% t-interval over seeds; Δ J paired by seed. Each point's "
+              "folder holds its full report (results.md) and figures."]
     return "\n".join(lines) + "\n"
 
 def plot_reward_kl(runs, path, beta=0.1):
@@ -281,25 +366,42 @@ def plot_j_labels(runs, path):
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
+def write_report(p, runs, cfg):
+    """A point's results.md and figures in its folder. -> the report's text"""
+    text = report(runs, cfg["beta"])
+    title = ", ".join(f"{k}={v}" for k, v in p.point.items())
+    with open(os.path.join(p.out, "results.md"), "w") as f:
+        f.write(f"# {cfg['mode']} DPO: {', '.join(NAMES.get(s, s) for s in runs)} ({title or p.out})\n\n" + text)
+    plot_reward_kl(runs, os.path.join(p.out, "reward_kl.png"), cfg["beta"])
+    plot_j_labels(runs, os.path.join(p.out, "j_labels.png"))
+    return text
+
 def main(argv=None):
     args = get_args(argv)
-    cfg = check_budgets(args)
-    failed = [] if args.only_report else run_all(args)
-    runs = load_runs(args.out, args.samplers, args.seeds)
-    if not runs:
-        die(f"no finished runs under {args.out} -- " + (f"every run failed, see {args.out}/logs" if failed
+    pts = points(args)
+    cfgs = [check_budgets(p) for p in pts]       # every point checked before any run starts
+    failed = [] if args.only_report else [name for p in pts for name in run_all(p)]
+    done = []
+    for p, cfg in zip(pts, cfgs):
+        runs = load_runs(p.out, p.samplers, p.seeds)
+        if runs:
+            cfg = cfg or check_budgets(p)            # --only_report: the finished runs' config
+            text = write_report(p, runs, cfg)
+            done.append((p, runs))
+    if not done:
+        die(f"no finished runs under {args.out} -- " + (f"every run failed, see the logs under {args.out}" if failed
                                                         else "run without --only_report first"))
-    beta = cfg["beta"]
-    text = report(runs, beta)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(f"# {cfg['mode']} DPO: {', '.join(NAMES.get(s, s) for s in runs)} ({args.out})\n\n" + text)
-    plot_reward_kl(runs, os.path.join(args.out, "reward_kl.png"), beta)
-    plot_j_labels(runs, os.path.join(args.out, "j_labels.png"))
-    print(text + f"\nwrote {args.out}/results.md, reward_kl.png, j_labels.png")
+    if args.grid:
+        text = grid_report(done, cfgs[0]["beta"] if cfgs[0] else DEFAULTS["beta"])
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(f"# {args.mode} DPO over {' × '.join(k for k, _ in args.grid)} ({args.out})\n\n" + text)
+        print(text + f"\nwrote {args.out}/results.md, and results.md, reward_kl.png, j_labels.png in each point's folder")
+    else:
+        print(text + f"\nwrote {args.out}/results.md, reward_kl.png, j_labels.png")
     if failed:
-        print(f"compare.py: {len(failed)} run(s) failed: {' '.join(failed)} (logs in {args.out}/logs)", file=sys.stderr)
+        print(f"compare.py: {len(failed)} run(s) failed: {' '.join(failed)} (logs under {args.out})", file=sys.stderr)
         sys.exit(1)
-    return runs
+    return done[0][1] if not args.grid else done
 
 if __name__ == "__main__":
     main()

@@ -100,10 +100,14 @@ def test_statistics_by_hand(tmp_path):
     fake_run(out, "hybrid", 0, [0.0, 0.1, 0.2])    # one seed: std 0, never reaches 0.5
     compare.main(["--samplers", "vanilla", "hybrid", "pilaf", "--seeds", "0", "1", "--out", out, "--only_report"])
     text = open(os.path.join(out, "results.md")).read()
-    assert "| Vanilla | 2 | 0.700 ± 0.141 | 2.00 ± 0.00 | 0.500 ± 0.141 | 32 | 2 | 2.00 |" in text
-    assert "| Hybrid | 1 | 0.300 ± 0.000 | **1.00 ± 0.00** | 0.200 ± 0.000 | 32 | 2 | 2.00 |" in text
-    assert "| PILAF | 2 | **1.100 ± 0.141** | 3.00 ± 0.00 | **0.800 ± 0.141** | 32 | 2 | 3.00 |" in text
-    assert "- Vanilla: 32 labels" in text and "- PILAF: 20 labels" in text and "- Hybrid: not reached" in text
+    # mean ± 95% t-interval: two seeds 0.4, 0.6 -> sd 0.1414, half-width 12.706 * 0.1414 / sqrt 2 = 1.271
+    assert "| Vanilla | 2 | 0.700 ± 1.271 | 2.00 ± 0.00 | 0.500 ± 1.271 | 32 | 2 | 2.00 |" in text, text
+    assert "| Hybrid | 1 | 0.300 ± nan | **1.00 ± nan** | 0.200 ± nan | 32 | 2 | 2.00 |" in text
+    assert "| PILAF | 2 | **1.100 ± 1.271** | 3.00 ± 0.00 | **0.800 ± 1.271** | 32 | 2 | 3.00 |" in text
+    # labels to reach Vanilla's final J, bootstrap over the 3 distinct resamples of seeds {0,1}:
+    # {0,0}: target 0.4, PILAF s0 reaches it at 16 * 0.4/0.5 = 12.8; {1,1}: 0.6, s1 at 16 + 16 * 0.3/0.4 = 28; {0,1}: 20
+    assert "- Vanilla: 32 labels [32 – 32]" in text and "- PILAF: 20 labels [13 – 28]" in text
+    assert "- Hybrid: not reached\n" in text          # one seed: no interval
     # paired by seed: PILAF - Vanilla final J = 0.5 and 0.1, mean 0.3, sd 0.283, 95% t (df 1): 12.706 * 0.283 / sqrt 2
     # Hybrid has seed 0 only: J 0.2 - 0.4 = -0.2, reward 0.3 - 0.6 = -0.3, no interval
     # (Δ reward: 0.6 and 0.2, the same spread): half-width 12.706 * 0.2 = 2.541 for both
@@ -178,3 +182,56 @@ def test_runs_with_other_models_are_refused(tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1, err
         assert "mismatched budgets" in err and "another-oracle" in err and "vanilla-s1" in err, err
+
+def test_grid_axes_by_hand(tmp_path, capsys):
+    """--grid: one folder per point, each with its own report; the top results.md has a row per point."""
+    out = str(tmp_path / "cmp")
+    for loss, shift in (("dpo", 0.0), ("ipo", -0.2)):
+        d = os.path.join(out, f"loss-{loss}")
+        fake_run(d, "vanilla", 0, [0.0, 0.2, 0.4 + shift], loss=loss)
+        fake_run(d, "vanilla", 1, [0.0, 0.4, 0.6 + shift], loss=loss)
+        fake_run(d, "pilaf", 0, [0.0, 0.5, 0.9], loss=loss)
+        fake_run(d, "pilaf", 1, [0.0, 0.3, 0.7], loss=loss)
+    compare.main(["--samplers", "vanilla", "pilaf", "--seeds", "0-1", "--grid", "loss=dpo,ipo", "--out", out, "--only_report"])
+    text = open(os.path.join(out, "results.md")).read()
+    assert "| loss | seeds | Vanilla J | PILAF J | PILAF − Vanilla Δ J |" in text
+    # paired differences 0.5, 0.1 (dpo) and 0.7, 0.3 (ipo): sd 0.283, half-width 12.706 * 0.2 = 2.541
+    assert "| dpo | 2 | 0.500 ± 1.271 | 0.800 ± 1.271 | +0.300 ± 2.541 |" in text, text
+    assert "| ipo | 2 | 0.300 ± 1.271 | 0.800 ± 1.271 | +0.500 ± 2.541 |" in text, text
+    for loss in ("dpo", "ipo"):
+        assert "| PILAF | 2 |" in open(os.path.join(out, f"loss-{loss}", "results.md")).read()
+        assert os.path.getsize(os.path.join(out, f"loss-{loss}", "reward_kl.png")) > 1000
+    # a point whose finished runs disagree with its axis value is refused like any mismatched budget
+    with pytest.raises(SystemExit):
+        compare.main(["--samplers", "vanilla", "--seeds", "0", "--grid", "loss=ipo,dpo", "--out", out, "--", "--labels", "32",
+                      "--batch_size", "8", "--lr", "1e-3", "--max_new_tokens", "10", "--beta", "0.2"])
+
+def test_grid_runs_end_to_end(tiny_world, tmp_path):
+    """A real grid on the tiny world: each point's runs get its value (the first step's loss is DPO's
+    log 2 or the hinge's 1 at the reference) and the top table has both points."""
+    out = str(tmp_path / "cmp")
+    compare.main(["--samplers", "vanilla", "pilaf", "--seeds", "0", "--grid", "loss=dpo,hinge", "--out", out, "--"]
+                 + MICRO + world_args(tiny_world))
+    for loss, first in (("dpo", np.log(2)), ("hinge", 1.0)):
+        for s in ("vanilla", "pilaf"):
+            m = compare.read_jsonl(os.path.join(out, f"loss-{loss}", f"{s}-s0", "metrics.jsonl"))
+            assert m[1]["loss"] == pytest.approx(first, abs=1e-5), (loss, s)
+    text = open(os.path.join(out, "results.md")).read()
+    assert "| dpo | 1 |" in text and "| hinge | 1 |" in text
+
+def test_bad_grid_fails_in_one_line(tmp_path, capsys):
+    def bad(argv, match):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            compare.main(["--out", str(tmp_path / "cmp")] + argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and match in err, err
+    bad(["--grid", "nope=1,2"], "train.py has no option --nope")
+    bad(["--grid", "seed=1,2"], "use compare.py's --seeds")
+    bad(["--grid", "mode=online,iterative"], "compare.py sets --mode itself")
+    bad(["--grid", "loss"], "is not KEY=V1,V2")
+    bad(["--grid", "loss=dpo,,ipo"], "is not KEY=V1,V2")
+    bad(["--grid", "loss=dpo", "loss=ipo"], "given twice")
+    bad(["--grid", "loss=dpo,ipo", "--", "--loss", "ipo"], "both a --grid axis and fixed after --")
+    bad(["--grid", "loss=dpo,bogus"], "invalid choice: 'bogus'")        # train.py's own check, before any run
+    assert not os.path.exists(tmp_path / "cmp")
