@@ -49,7 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGET_KEYS = ["labels", "batch_size", "iterations", "epochs", "lr", "beta", "max_new_tokens", "mode",
                "temperature", "policy", "init_from", "oracle", "prompts", "label", "n", "xpo_alpha", "eval_every",
                "eval_prompts", "eval_samples", "prompt_column", "prompt_format", "train_split", "test_split", "dtype", "oracle_format",
-               "from_pairs", "loss", "reference"]
+               "from_pairs", "loss", "reference", "judge"]
 WORLD_PARTS = ("policy", "oracle", "prompts")   # None: the embedded world's, as train.py resolves them
 RESERVED = ["--sampler", "--mode", "--seed", "--out", "--overwrite", "--resume"]   # compare.py sets these per run
 NAMES = {"vanilla": "Vanilla", "best_of_n": "Best-of-N", "hybrid": "Hybrid", "pilaf": "PILAF"}

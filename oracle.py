@@ -12,6 +12,9 @@ What the reward model reads: a model trained on a chat template (Skywork-Reward,
 scores the conversation [user: prompt, assistant: response] rendered by its tokenizer's template;
 any other gets the plain join `prompt + " " + response`. `fmt` = "auto" picks by whether the
 tokenizer has a chat template; "chat" or "plain" force one.
+
+A person can take the oracle's place (Person, below: train.py --oracle human); a reward model then
+still scores the evaluations (--judge), and each answered pair, to count how often the two agree.
 """
 import torch
 
@@ -57,3 +60,28 @@ class Oracle:
         self.labels += len(sa)
         self.judged += 2 * len(sa)
         return a_wins, sa, sb
+
+class Person:
+    """A person as the labeller (train.py --oracle human): each pair is shown in the terminal, the two
+    responses in a random order, and the answer read from `inp` (a line per answer). The answer keys
+    are 1 or 2 (the better response), s to skip the pair (it is kept, unlabelled, and never trained
+    on) and q to stop; the end of the input stops too. Anything else is asked again."""
+    KEYS = {"1": 0, "2": 1, "s": "skip", "q": "stop"}
+
+    def __init__(self, inp, out):
+        self.inp, self.out = inp, out
+
+    def ask(self, prompt, first, second, where):
+        """-> 0 (first is better), 1 (second), 'skip', 'stop' (q), or 'eof' (the input ended)."""
+        rule = "-" * 72
+        self.out.write(f"\n{rule}\n{where}\nprompt: {prompt}\n\n[1] {first}\n\n[2] {second}\n")
+        while True:
+            self.out.write("which reply is better? 1 or 2, s to skip, q to stop > ")
+            self.out.flush()
+            line = self.inp.readline()
+            if not line:                         # the input ended (a pipe with too few answers)
+                return "eof"
+            key = line.strip().lower()
+            if key in self.KEYS:
+                return self.KEYS[key]
+            self.out.write(f"'{key}' is not an answer\n")

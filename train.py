@@ -42,7 +42,7 @@ from tqdm import tqdm
 import checkpoint
 import world
 from dpo import LOSSES, dpo_loss, kl_estimates, pair_logps, reward_metrics
-from oracle import Oracle
+from oracle import Oracle, Person
 from pilaf import SAMPLERS
 from sample import generate
 
@@ -88,7 +88,8 @@ def parser():
     g.add_argument("--world", default=world.DEFAULT_DIR, help="where the embedded world is cached")
     g.add_argument("--policy", default=None, help="reference / initial policy: causal LM name or folder")
     g.add_argument("--init_from", default=None, help="start the policy from this checkpoint instead (reference stays --policy)")
-    g.add_argument("--oracle", default=None, help="reward model (sequence classifier) name or folder")
+    g.add_argument("--oracle", default=None, help="reward model (sequence classifier) name or folder; 'human': you label the pairs in this terminal")
+    g.add_argument("--judge", default=None, help="with --oracle human: the reward model that scores the evaluations and your agreement with it (default: the embedded world's oracle)")
     g.add_argument("--oracle_format", default="auto", choices=["auto", "chat", "plain"], help="what the oracle reads: its chat template applied to [user: prompt, assistant: response], or prompt + ' ' + response; auto = chat when its tokenizer has a template")
     g.add_argument("--prompts", default=None, help="prompt data set: name or a saved DatasetDict folder")
     g.add_argument("--prompt_column", default="prompt", help="column holding the prompt text")
@@ -146,6 +147,10 @@ def check_options(args):
     if args.from_pairs and args.reference == "behavior":
         die("--reference behavior anchors to the policy that sampled the pairs, which --from_pairs does not have "
             "-- use --reference initial")
+    if args.judge and args.oracle != "human":
+        die("--judge scores the evaluations when a person labels (--oracle human); otherwise --oracle does -- leave out --judge")
+    if args.oracle == "human" and (procs > 1 or args.from_pairs):
+        die("--oracle human labels in one terminal: run it with plain python train.py, without --from_pairs")
     if args.from_pairs and not os.path.isfile(args.from_pairs):
         die(f"--from_pairs {args.from_pairs}: no such file -- pass the pairs.jsonl of a run")
 
@@ -176,7 +181,7 @@ def resume_args(argv, run):
 def check_names(args):
     """Every model and data set the user named, checked before the embedded world is built (4 minutes
     on a fresh machine) or any weights load. Returns the named prompts, or None for the world's."""
-    for what, name in (("policy", args.policy), ("oracle", args.oracle), ("--init_from checkpoint", args.init_from)):
+    for what, name in (("policy", args.policy), ("oracle", judge_name(args)), ("--init_from checkpoint", args.init_from)):
         if name:
             world.check_name(what, name)
     if args.prompts:
@@ -186,19 +191,24 @@ def check_names(args):
                                f"leave out --prompt_column (it is '{world.PROMPT_COLUMN}'), or pass --prompts")
     return None
 
+def judge_name(args):
+    """The reward model that scores: the oracle, or with --oracle human the --judge."""
+    return args.judge if args.oracle == "human" else args.oracle
+
 def load(args, start_from=None):
     """Reference policy, trained policy (from `start_from`, --init_from or the reference), tokenizer,
     oracle, prompts and the ids that end a response. Bad names exit 2 with one line."""
     try:
         prompts = check_names(args)
-        if None in (args.policy, args.oracle, args.prompts):
+        rm = "judge" if args.oracle == "human" else "oracle"
+        if None in (args.policy, getattr(args, rm), args.prompts):
             if args.policy:   # a hub policy with the toy world's oracle and prompts is rarely what was meant
-                missing = [k for k in ("oracle", "prompts") if getattr(args, k) is None]
+                missing = [k for k in (rm, "prompts") if getattr(args, k) is None]
                 print(f"note: --policy given without --{' or --'.join(missing)}: using the embedded world's "
                       f"{' and '.join(missing)} (from {args.world})")
             wdir = world.ensure(args.world)
             args.policy = args.policy or os.path.join(wdir, "policy")
-            args.oracle = args.oracle or os.path.join(wdir, "oracle")
+            setattr(args, rm, getattr(args, rm) or os.path.join(wdir, "oracle"))
             args.prompts = args.prompts or os.path.join(wdir, "prompts")
         cfg = world.check_name("policy", args.policy)
         train_prompts, test_prompts = prompts or world.load_prompts(args.prompts, args.prompt_column, args.prompt_format,
@@ -211,16 +221,17 @@ def load(args, start_from=None):
         # the trained weights stay float32 (bf16 would round most AdamW steps away); bf16 = autocast in main
         policy, pol_tok = world.load_policy(start_from or args.init_from or args.policy)
         world.check_vocab(pol_tok, tok)
-        orm, orm_tok = world.load_oracle(args.oracle, dtype)
+        orm, orm_tok = world.load_oracle(judge_name(args), dtype)
         if args.oracle_format == "chat" and not getattr(orm_tok, "chat_template", None):
-            raise world.WorldError(f"--oracle_format chat: the tokenizer of '{args.oracle}' has no chat template "
+            raise world.WorldError(f"--oracle_format chat: the tokenizer of '{judge_name(args)}' has no chat template "
                                    f"-- use --oracle_format plain (or auto)")
     except world.WorldError as e:
         die(str(e))
     return SimpleNamespace(ref=ref.to(args.device).requires_grad_(False),
                            policy=policy.to(args.device),   # stays in eval mode: no dropout, so policy == ref gives loss log 2
                            tok=tok, eos=world.eos_ids(ref, tok), source=source,
-                           oracle=Oracle(orm.to(args.device), orm_tok, fmt=args.oracle_format),
+                           oracle=Oracle(orm.to(args.device), orm_tok, fmt=args.oracle_format),   # or the judge
+                           person=Person(sys.stdin, sys.stdout) if args.oracle == "human" else None,
                            train_prompts=train_prompts, test_prompts=test_prompts[:args.eval_prompts])
 
 def fit_context(args, tok, cfg, train_prompts, test_prompts):
@@ -244,7 +255,8 @@ def fit_context(args, tok, cfg, train_prompts, test_prompts):
 class Pair:
     """One labelled pair, as pairs.jsonl keeps it: the token ids are exact (EOS kept) so the pair can
     be trained on again (--from_pairs, --resume); `*_logp` is the log-prob of the whole response under
-    the distribution it was sampled from (pi, pi+, pi-, pi_ref), for importance weights in forks."""
+    the distribution it was sampled from (pi, pi+, pi-, pi_ref), for importance weights in forks.
+    A pair a person skipped (--oracle human) is kept, `skipped`, so a resumed run replays it, and never trained on."""
     round: int
     step: int
     prompt: str
@@ -252,13 +264,14 @@ class Pair:
     rejected: str
     chosen_src: str             # pi, pi+, pi-, pi_ref, best, worst
     rejected_src: str
-    chosen_score: float         # the oracle's
+    chosen_score: float         # the oracle's (with --oracle human: the judge's)
     rejected_score: float
     prompt_ids: list
     chosen_ids: list
     rejected_ids: list
     chosen_logp: float = None
     rejected_logp: float = None
+    skipped: bool = False
 
 def read_pairs(path, vocab_size, need=0):
     """The pairs of a pairs.jsonl, checked to fit the policy's vocabulary. Bad files exit 2."""
@@ -316,7 +329,7 @@ def collect(run, w, args, sampler, n):
         else:
             batch = sample_and_label(run, w, args, sampler, B)
         batch[:k] = run.disk[run.labels:run.labels + k]
-        if rank == 0 and k < B:
+        if rank == 0 and k < B and not run.human:            # (a person's answers are on disk already)
             run.pairs_f.write("".join(json.dumps(dataclasses.asdict(p)) + "\n" for p in batch[k:]))   # one write
             run.pairs_f.flush()                                  # labels cost money: on disk before training
         run.labels, run.judged, run.reused = run.labels + B, run.judged + 2 * B, run.reused + k
@@ -346,9 +359,12 @@ def sample_and_label(run, w, args, sampler, B):
     la, lb = ((out[f"{x}_logps"] * out[f"{x}_mask"]).sum(-1).tolist() for x in "ab")
     # Bradley-Terry uniforms for the whole batch, reused pairs included: the label stream stays the
     # uninterrupted run's, and only the pairs not on disk reach the oracle
-    u = torch.rand(B, generator=run.g_label) if args.label == "bt" else torch.zeros(B)
+    # (with --oracle human they set the order the two responses are shown in)
+    u = torch.rand(B, generator=run.g_label) if args.label == "bt" or run.human else torch.zeros(B)
     a_wins, sa, sb = torch.zeros(B, dtype=torch.bool), torch.zeros(B), torch.zeros(B)
-    if k < B:
+    if k < B and run.human:     # the judge scores what the person labels: their agreement is measured
+        sa[k:], sb[k:] = w.oracle.score(texts[k:], ta[k:]), w.oracle.score(texts[k:], tb[k:])
+    elif k < B:
         a_wins[k:], sa[k:], sb[k:] = w.oracle.label(texts[k:], ta[k:], tb[k:], args.label, u=u[k:])
     for j, d in enumerate(run.disk[first:first + k]):
         if d.prompt != texts[j] or sorted([d.chosen_ids, d.rejected_ids]) != sorted([pa[j], pb[j]]):
@@ -359,17 +375,37 @@ def sample_and_label(run, w, args, sampler, B):
     pp = unpad(ids_p, mask_p)
     batch = []
     for j in range(B):
+        skipped = False
+        if run.human and j >= k:
+            ans = ask(run, w, args, texts[j], ta[j], tb[j], swap=bool(u[j] < 0.5), n=first + j + 1)
+            skipped, a_wins[j] = ans is None, ans is not False
         a = (ta[j], pa[j], out["src"][j][0], sa[j].item(), la[j])
         b = (tb[j], pb[j], out["src"][j][1], sb[j].item(), lb[j])
         (c, c_ids, c_src, c_score, c_lp), (r, r_ids, r_src, r_score, r_lp) = (a, b) if a_wins[j] else (b, a)
         batch.append(Pair(round=run.round, step=run.steps, prompt=texts[j], chosen=c, rejected=r,
                           chosen_src=c_src, rejected_src=r_src, chosen_score=c_score, rejected_score=r_score,
-                          prompt_ids=pp[j], chosen_ids=c_ids, rejected_ids=r_ids, chosen_logp=c_lp, rejected_logp=r_lp))
+                          prompt_ids=pp[j], chosen_ids=c_ids, rejected_ids=r_ids, chosen_logp=c_lp, rejected_logp=r_lp,
+                          skipped=skipped))
+        if run.human and j >= k:                            # each answer on disk at once
+            run.pairs_f.write(json.dumps(dataclasses.asdict(batch[-1])) + "\n")
+            run.pairs_f.flush()
     if ddp:   # every rank's share, in rank order: the batch in the order of its prompts
         shares = [None] * nproc
         dist.all_gather_object(shares, batch)
         batch = [p for share in shares for p in share]
     return batch
+
+def ask(run, w, args, prompt, a, b, swap, n):
+    """A person labels one pair, shown in the order `swap` says. -> True if a is better, False if b,
+    None if skipped. On q (exit 0), or at the end of the input (exit 1), the session stops like a kill:
+    every answer given is on disk, and --resume continues from the last checkpoint, reusing them."""
+    ans = w.person.ask(prompt, *((b, a) if swap else (a, b)), f"pair {n} of {args.labels}")
+    if ans in ("stop", "eof"):
+        run.pairs_f.close()
+        print(f"\nstopped{' (the input ended)' if ans == 'eof' else ''}: your answers are in {args.out}/pairs.jsonl "
+              f"-- continue with python train.py --resume {args.out}")
+        sys.exit(int(ans == "eof"))
+    return None if ans == "skip" else (ans == 0) != swap       # the first one shown is b when swapped
 
 def next_prompts(run, train_prompts, B):
     """The next B training prompts of a shuffled order, refilled when used up. The order is kept as
@@ -382,6 +418,7 @@ def next_prompts(run, train_prompts, B):
 def update(run, w, args, pairs, epochs, anchor):
     """DPO on a round's pairs: `epochs` shuffled passes of --batch_size pairs per step. `anchor` is
     the loss's reference: the initial model, or (--reference behavior) the policy that sampled them."""
+    pairs = [p for p in pairs if not p.skipped]             # a person's skipped pairs have no label
     for _ in range(epochs):
         run.rng.shuffle(pairs)
         for i in range(0, len(pairs), args.batch_size):
@@ -466,6 +503,8 @@ def log(run, m):
     if run.train_log:
         m.update({k: sum(x[k] for x in run.train_log) / len(run.train_log) for k in run.train_log[0]})
         run.train_log.clear()
+    if run.human:
+        m.update(agreement(run))
     run.metrics += 1
     run.last = m
     if rank:
@@ -474,6 +513,18 @@ def log(run, m):
     run.metrics_f.flush()
     tqdm.write(f"step {m['step']:4d} | labels {m['labels']:5d} | reward {m['reward']:6.3f} | KL {m['kl']:6.2f} | "
                f"J {m['J']:6.3f} | acc {m.get('acc', float('nan')):.2f} | len {m['len']:5.1f} | {m['time']:5.0f}s")
+    if run.human and m["answered"]:
+        tqdm.write(f"you answered {m['answered']} pairs and skipped {m['skipped']}; the judge agreed with "
+                   f"{m['agree']:.0%} of your answers")
+
+def agreement(run):
+    """A person's pairs so far (--oracle human): answered, skipped, and the share of answers where the
+    judge scores the chosen response above the rejected one. Read from pairs.jsonl, so a resumed
+    session counts the answers of every sitting."""
+    pairs = [json.loads(line) for line in checkpoint.read_lines(os.path.join(run.out, "pairs.jsonl"))[:run.labels]]
+    answered = [p for p in pairs if not p.get("skipped")]
+    agree = sum(p["chosen_score"] > p["rejected_score"] for p in answered) / max(len(answered), 1)
+    return dict(answered=len(answered), skipped=len(pairs) - len(answered), agree=agree if answered else float("nan"))
 
 COUNTERS = ["round", "labels", "judged", "reused", "steps", "forwards", "score_forwards", "tokens", "sample_s",
             "order", "train_log", "metrics", "last"]
@@ -508,7 +559,7 @@ def new_run(args, w, ck=None):
     """The run's mutable state: counters, generators, optimizer, open files; from checkpoint `ck` if given."""
     run = SimpleNamespace(out=args.out, round=0, labels=0, judged=0, reused=0, steps=0, forwards=0, score_forwards=0,
                           tokens=0, sample_s=0.0, order=[], train_log=[], metrics=0, last=None, diverged=False,
-                          t0=time.time(), disk=[])
+                          t0=time.time(), disk=[], human=args.oracle == "human")
     torch.manual_seed(args.seed)
     run.rng = random.Random(args.seed)                                      # prompt order, minibatch order
     run.g_sample = torch.Generator(args.device).manual_seed(args.seed + rank * SEED_STRIDE)      # responses, coin flips
@@ -598,7 +649,8 @@ def main(argv=None):
     online = args.mode == "online"
     rounds = args.labels // args.batch_size if online else args.iterations
     per_round = args.batch_size if online else args.labels // args.iterations
-    run.bar = tqdm(total=args.labels, initial=run.labels, desc=f"{args.sampler}/{args.mode}", unit="label", disable=rank > 0)
+    run.bar = tqdm(total=args.labels, initial=run.labels, desc=f"{args.sampler}/{args.mode}", unit="label",
+                   disable=rank > 0 or run.human)           # a person reads the pairs in this terminal
     if not args.resume:
         with run.amp():
             log(run, evaluate(w.policy, w.ref, w.tok, w.oracle, w.test_prompts, args, w.eos))

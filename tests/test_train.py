@@ -72,6 +72,8 @@ def bad(argv, capsys, match):
     (["--max_new_tokens", "0"], "--max_new_tokens must be positive"),
     (["--xpo_alpha", "0.1"], "applies to --sampler hybrid only"),
     (["--device", "gpu"], "--device gpu is not available"),
+    (["--judge", "some-rm"], "leave out --judge"),
+    (["--oracle", "human", "--from_pairs", "pairs.jsonl"], "run it with plain python train.py"),
 ])
 def test_bad_arguments_fail_in_one_line_before_any_work(argv, match, capsys, tmp_path):
     out = str(tmp_path / "run")
