@@ -523,8 +523,8 @@ def agreement(run):
     session counts the answers of every sitting."""
     pairs = [json.loads(line) for line in checkpoint.read_lines(os.path.join(run.out, "pairs.jsonl"))[:run.labels]]
     answered = [p for p in pairs if not p.get("skipped")]
-    agree = sum(p["chosen_score"] > p["rejected_score"] for p in answered) / max(len(answered), 1)
-    return dict(answered=len(answered), skipped=len(pairs) - len(answered), agree=agree if answered else float("nan"))
+    agree = sum(p["chosen_score"] > p["rejected_score"] for p in answered) / len(answered) if answered else None
+    return dict(answered=len(answered), skipped=len(pairs) - len(answered), agree=agree)   # None: nothing answered yet
 
 COUNTERS = ["round", "labels", "judged", "reused", "steps", "forwards", "score_forwards", "tokens", "sample_s",
             "order", "train_log", "metrics", "last"]

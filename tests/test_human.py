@@ -90,4 +90,4 @@ def test_skipped_pairs_are_never_trained_on(tiny_world, tmp_path, monkeypatch, c
     code, shown, _ = session(argv, ["s"] * 8, monkeypatch, capsys)
     last = read_jsonl(os.path.join(out, "metrics.jsonl"))[-1]
     assert code == 0 and len(shown) == 8 and last["step"] == 0 and last["kl"] == 0
-    assert (last["answered"], last["skipped"]) == (0, 8) and last["agree"] != last["agree"]   # nan: nothing to agree on
+    assert (last["answered"], last["skipped"], last["agree"]) == (0, 8, None)       # nothing to agree on
