@@ -235,3 +235,15 @@ def test_bad_grid_fails_in_one_line(tmp_path, capsys):
     bad(["--grid", "loss=dpo,ipo", "--", "--loss", "ipo"], "both a --grid axis and fixed after --")
     bad(["--grid", "loss=dpo,bogus"], "invalid choice: 'bogus'")        # train.py's own check, before any run
     assert not os.path.exists(tmp_path / "cmp")
+
+def test_vanilla_reaches_its_own_final_j_in_every_resample(tmp_path):
+    """The target and the curve are the same mean, computed the same way: with these ten final J
+    values (an overfitted-start comparison's) a mean taken another way differs in the last bit in some
+    bootstrap resamples, and Vanilla would 'not reach' its own final J."""
+    out = str(tmp_path / "cmp")
+    finals = [-3.078836940228939, -3.043673542017738, -2.9350552012523017, -2.7966122634708883, -3.2396850881477195,
+              -3.2632674396038057, -2.1366119513909023, -3.82263403236866, -2.54009908636411, -3.1981854143242043]
+    for seed, j in enumerate(finals):
+        fake_run(out, "vanilla", seed, [-7.0, -5.0, j])
+    compare.main(["--samplers", "vanilla", "--seeds", "0-9", "--out", out, "--only_report"])
+    assert "- Vanilla: 32 labels [32 – 32]" in open(os.path.join(out, "results.md")).read()
