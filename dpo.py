@@ -53,7 +53,8 @@ def kl_estimates(policy, ref, prompt_ids, prompt_mask, resp_ids, resp_mask, chun
         sampled  log pi(y|x) - log pi_ref(y|x)
 
     Both have the sequence KL as their expectation (the exact one is the sampled one with each token's
-    draw averaged out, given the prefix), and the exact one has the lower variance. -> (B,), (B,)
+    draw averaged out, given the prefix). The exact one usually has the lower variance, not always: a
+    token's draw also decides the prefixes after it, and that covariance can go either way. -> (B,), (B,)
     A chunk of rows at a time: (chunk, L, V) log-probs of two models at once, not (B, L, V)."""
     exact, sampled = [], []
     for i in range(0, len(resp_ids), chunk):
