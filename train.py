@@ -181,7 +181,7 @@ def resume_args(argv, run):
 def check_names(args):
     """Every model and data set the user named, checked before the embedded world is built (4 minutes
     on a fresh machine) or any weights load. Returns the named prompts, or None for the world's."""
-    for what, name in (("policy", args.policy), ("oracle", judge_name(args)), ("--init_from checkpoint", args.init_from)):
+    for what, name in (("policy", args.policy), ("oracle", getattr(args, scorer(args))), ("--init_from checkpoint", args.init_from)):
         if name:
             world.check_name(what, name)
     if args.prompts:
@@ -191,16 +191,16 @@ def check_names(args):
                                f"leave out --prompt_column (it is '{world.PROMPT_COLUMN}'), or pass --prompts")
     return None
 
-def judge_name(args):
-    """The reward model that scores: the oracle, or with --oracle human the --judge."""
-    return args.judge if args.oracle == "human" else args.oracle
+def scorer(args):
+    """The option naming the reward model that scores: --oracle, or with --oracle human --judge."""
+    return "judge" if args.oracle == "human" else "oracle"
 
 def load(args, start_from=None):
     """Reference policy, trained policy (from `start_from`, --init_from or the reference), tokenizer,
     oracle, prompts and the ids that end a response. Bad names exit 2 with one line."""
     try:
         prompts = check_names(args)
-        rm = "judge" if args.oracle == "human" else "oracle"
+        rm = scorer(args)
         if None in (args.policy, getattr(args, rm), args.prompts):
             if args.policy:   # a hub policy with the toy world's oracle and prompts is rarely what was meant
                 missing = [k for k in (rm, "prompts") if getattr(args, k) is None]
@@ -221,9 +221,9 @@ def load(args, start_from=None):
         # the trained weights stay float32 (bf16 would round most AdamW steps away); bf16 = autocast in main
         policy, pol_tok = world.load_policy(start_from or args.init_from or args.policy)
         world.check_vocab(pol_tok, tok)
-        orm, orm_tok = world.load_oracle(judge_name(args), dtype)
+        orm, orm_tok = world.load_oracle(getattr(args, rm), dtype)
         if args.oracle_format == "chat" and not getattr(orm_tok, "chat_template", None):
-            raise world.WorldError(f"--oracle_format chat: the tokenizer of '{judge_name(args)}' has no chat template "
+            raise world.WorldError(f"--oracle_format chat: the tokenizer of '{getattr(args, rm)}' has no chat template "
                                    f"-- use --oracle_format plain (or auto)")
     except world.WorldError as e:
         die(str(e))
@@ -330,12 +330,17 @@ def collect(run, w, args, sampler, n):
             batch = sample_and_label(run, w, args, sampler, B)
         batch[:k] = run.disk[run.labels:run.labels + k]
         if rank == 0 and k < B and not run.human:            # (a person's answers are on disk already)
-            run.pairs_f.write("".join(json.dumps(dataclasses.asdict(p)) + "\n" for p in batch[k:]))   # one write
-            run.pairs_f.flush()                                  # labels cost money: on disk before training
+            append(run, batch[k:])
         run.labels, run.judged, run.reused = run.labels + B, run.judged + 2 * B, run.reused + k
         pairs += batch
         run.bar.update(B)
     return pairs
+
+def append(run, pairs):
+    """Pairs to pairs.jsonl in one write, flushed: labels cost money, so they reach the disk before
+    any training on them."""
+    run.pairs_f.write("".join(json.dumps(dataclasses.asdict(p)) + "\n" for p in pairs))
+    run.pairs_f.flush()
 
 def sample_and_label(run, w, args, sampler, B):
     """One batch: B prompts, a pair of responses for each, the oracle's label on those not yet on disk.
@@ -387,8 +392,7 @@ def sample_and_label(run, w, args, sampler, B):
                           prompt_ids=pp[j], chosen_ids=c_ids, rejected_ids=r_ids, chosen_logp=c_lp, rejected_logp=r_lp,
                           skipped=skipped))
         if run.human and j >= k:                            # each answer on disk at once
-            run.pairs_f.write(json.dumps(dataclasses.asdict(batch[-1])) + "\n")
-            run.pairs_f.flush()
+            append(run, batch[-1:])
     if ddp:   # every rank's share, in rank order: the batch in the order of its prompts
         shares = [None] * nproc
         dist.all_gather_object(shares, batch)
