@@ -230,6 +230,11 @@ def mean_ci(values):
     t = T975[max(d for d in T975 if d <= len(values) - 1)]
     return m, t * sd / np.sqrt(len(values))
 
+def ci_text(values, fmt=".3f", sign=""):
+    """'mean ± half-width' of the 95% t-interval; sign="+" writes differences as +0.300 ± 2.541."""
+    m, h = mean_ci(values)
+    return f"{m:{sign}{fmt}} ± {h:{fmt}}"
+
 def mean_curve(seed_runs, key):
     """Mean and std over seeds of `key` at each evaluation. Every seed evaluates at the same label
     counts (the schedule is fixed by the budget), so evaluations are matched by position."""
@@ -297,8 +302,7 @@ def report(runs, beta=0.1):
                   "| Sampler | seeds | Δ reward | Δ KL | Δ J |", "|---|---|---|---|---|"]
         for s in runs:
             if s != "vanilla":
-                cells = [f"{m:+{fmt}} ± {h:{fmt}}" for k, fmt in (("reward", ".3f"), ("kl", ".2f"), ("J", ".3f"))
-                         for m, h in [mean_ci(paired(runs, s, k))]]
+                cells = [ci_text(paired(runs, s, k), fmt, "+") for k, fmt in (("reward", ".3f"), ("kl", ".2f"), ("J", ".3f"))]
                 lines.append(f"| {NAMES.get(s, s)} | {len(paired(runs, s, 'J'))} | " + " | ".join(cells) + " |")
     if "vanilla" in runs:
         target = mean_curve(runs["vanilla"], "J")[0][-1]     # its final mean J, to the last bit as its curve has it
@@ -323,9 +327,8 @@ def grid_report(done, beta=0.1):
              "|" + "---|" * (len(keys) + 1 + len(samplers) + len(others))]
     for p, runs in done:
         cells = [str(p.point[k]) for k in keys] + [str(max(len(r) for r in runs.values()))]
-        cells += ["{:.3f} ± {:.3f}".format(*mean_ci([m[-1]["J"] for m in runs[s]])) if s in runs else "–" for s in samplers]
-        cells += ["{:+.3f} ± {:.3f}".format(*mean_ci(paired(runs, s, "J"))) if s in runs and "vanilla" in runs else "–"
-                  for s in others]
+        cells += [ci_text([m[-1]["J"] for m in runs[s]]) if s in runs else "–" for s in samplers]
+        cells += [ci_text(paired(runs, s, "J"), sign="+") if s in runs and "vanilla" in runs else "–" for s in others]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Final J = reward − {beta}·KL, mean ± 95% t-interval over seeds; Δ J paired by seed. Each point's "
               "folder holds its full report (results.md) and figures."]
