@@ -1,8 +1,10 @@
 """The same loop under torchrun: two CPU processes with the gloo backend, on the tiny world."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 from test_resume import TIMINGS, weights
 from test_train import read_jsonl, world_args
@@ -10,12 +12,16 @@ from test_train import read_jsonl, world_args
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--eval_every", "32", "--eval_prompts", "8", "--eval_samples", "2", "--max_new_tokens", "12"]
 
-def launch(argv, nproc):
-    """train.py under torchrun with nproc processes (nproc=0: plain python, no torchrun)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def command(nproc):
+    """The command line of train.py under torchrun with nproc processes (nproc=0: plain python), and
+    its environment (one thread per process: two ranks share the 2 cores)."""
     cmd = [sys.executable, os.path.join(ROOT, "train.py")] if nproc == 0 else \
           [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            os.path.join(ROOT, "train.py")]
+    return cmd, dict(os.environ, OMP_NUM_THREADS="1")
+
+def launch(argv, nproc):
+    cmd, env = command(nproc)
     return subprocess.run(cmd + argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 def test_two_processes_spend_exactly_the_budget(tiny_world, tmp_path):
@@ -66,13 +72,10 @@ def test_a_batch_that_does_not_split_exits_in_one_line(tiny_world, tmp_path):
 def test_two_processes_resume_after_a_kill(tiny_world, tmp_path):
     """--resume under torchrun: the whole job killed mid-run (SIGKILL to every process), resumed with
     2 processes again; the finished run equals an uninterrupted 2-process run."""
-    import signal
-    import time
     argv = ["--labels", "128", "--batch_size", "16", "--save_every", "32"] + SMALL + world_args(tiny_world)
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     assert launch(argv + ["--out", full], 2).returncode == 0
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "train.py")]
+    torchrun, env = command(2)
     p = subprocess.Popen(torchrun + argv + ["--out", cut], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     pairs = os.path.join(cut, "pairs.jsonl")
