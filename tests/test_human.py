@@ -9,6 +9,7 @@ import re
 import pytest
 
 import train
+from test_resume import TIMINGS
 from test_train import MICRO, read_jsonl
 
 def human_args(d):
@@ -72,8 +73,7 @@ def test_a_session_through_stdin_resumes_where_the_input_ran_dry(tiny_world, tmp
     assert code == 0 and len(shown2) == 12 and "pair 21 of 32" in out and "pair 20 of 32" not in out
     assert read_jsonl(os.path.join(split, "pairs.jsonl")) == pairs
     again = json.load(open(os.path.join(split, "summary.json")))
-    clock = ("time", "tok_per_s", "reused")                           # wall-clock figures, and the reuse itself
-    assert {k: v for k, v in again.items() if k not in clock} == {k: v for k, v in last.items() if k not in clock}
+    assert {k: v for k, v in again.items() if k not in TIMINGS} == {k: v for k, v in last.items() if k not in TIMINGS}
     assert again["reused"] == 20
 
 def test_q_stops_at_once_and_keeps_every_answer(tiny_world, tmp_path, monkeypatch, capsys):
