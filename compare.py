@@ -316,20 +316,22 @@ def report(runs, beta=0.1):
             lines.append(f"- {NAMES.get(s, s)}: " + ("not reached" if n is None else f"{n:.0f} labels") + ci)
     return "\n".join(lines) + "\n"
 
-def grid_report(done, beta=0.1):
+def grid_report(done):
     """One row per grid point: each sampler's final J (mean +- 95% t-interval) and, beside Vanilla's,
-    each other sampler's paired difference to it."""
-    samplers = list(dict.fromkeys(s for _, runs in done for s in runs))
+    each other sampler's paired difference to it. `done`: (point, runs, config) of each point."""
+    samplers = list(dict.fromkeys(s for _, runs, _ in done for s in runs))
     others = [s for s in samplers if s != "vanilla"] if "vanilla" in samplers else []
     keys = list(done[0][0].point)
     lines = ["| " + " | ".join(keys + ["seeds"] + [f"{NAMES.get(s, s)} J" for s in samplers] +
                                 [f"{NAMES.get(s, s)} − Vanilla Δ J" for s in others]) + " |",
              "|" + "---|" * (len(keys) + 1 + len(samplers) + len(others))]
-    for p, runs in done:
+    for p, runs, _ in done:
         cells = [str(p.point[k]) for k in keys] + [str(max(len(r) for r in runs.values()))]
         cells += [ci_text([m[-1]["J"] for m in runs[s]]) if s in runs else "–" for s in samplers]
         cells += [ci_text(paired(runs, s, "J"), sign="+") if s in runs and "vanilla" in runs else "–" for s in others]
         lines.append("| " + " | ".join(cells) + " |")
+    betas = {cfg["beta"] for _, _, cfg in done}      # one, unless beta is an axis of the grid
+    beta = betas.pop() if len(betas) == 1 else "β"
     lines += ["", f"Final J = reward − {beta}·KL, mean ± 95% t-interval over seeds; Δ J paired by seed. Each point's "
               "folder holds its full report (results.md) and figures."]
     return "\n".join(lines) + "\n"
@@ -387,15 +389,14 @@ def main(argv=None):
     done = []
     for p, cfg in zip(pts, cfgs):
         runs = load_runs(p.out, p.samplers, p.seeds)
-        if runs:
-            cfg = cfg or check_budgets(p)            # --only_report: the finished runs' config
+        if runs:    # (with --only_report, cfg is that of the point's first finished run)
             text = write_report(p, runs, cfg)
-            done.append((p, runs))
+            done.append((p, runs, cfg))
     if not done:
         die(f"no finished runs under {args.out} -- " + (f"every run failed, see the logs under {args.out}" if failed
                                                         else "run without --only_report first"))
     if args.grid:
-        text = grid_report(done, cfgs[0]["beta"] if cfgs[0] else DEFAULTS["beta"])
+        text = grid_report(done)
         with open(os.path.join(args.out, "results.md"), "w") as f:
             f.write(f"# {args.mode} DPO over {' × '.join(k for k, _ in args.grid)} ({args.out})\n\n" + text)
         print(text + f"\nwrote {args.out}/results.md, and results.md, reward_kl.png, j_labels.png in each point's folder")

@@ -247,3 +247,14 @@ def test_vanilla_reaches_its_own_final_j_in_every_resample(tmp_path):
         fake_run(out, "vanilla", seed, [-7.0, -5.0, j])
     compare.main(["--samplers", "vanilla", "--seeds", "0-9", "--out", out, "--only_report"])
     assert "- Vanilla: 32 labels [32 – 32]" in open(os.path.join(out, "results.md")).read()
+
+def test_a_beta_grid_does_not_name_one_beta(tmp_path):
+    """With beta as an axis each point's J uses its own beta: the top table does not print one value."""
+    out = str(tmp_path / "cmp")
+    for beta in (0.1, 0.2):
+        fake_run(os.path.join(out, f"beta-{beta}"), "vanilla", 0, [0.0, 0.2, 0.4], beta=beta)
+    compare.main(["--samplers", "vanilla", "--seeds", "0", "--grid", "beta=0.1,0.2", "--out", out, "--only_report"])
+    text = open(os.path.join(out, "results.md")).read()
+    assert "Final J = reward − β·KL" in text and "| 0.2 | 1 |" in text
+    compare.main(["--samplers", "vanilla", "--seeds", "0", "--grid", "beta=0.2", "--out", out, "--only_report"])
+    assert "Final J = reward − 0.2·KL" in open(os.path.join(out, "results.md")).read()
