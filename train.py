@@ -53,12 +53,19 @@ from sample import generate
 ddp, rank, nproc = False, 0, 1
 SEED_STRIDE = 1_000_003   # rank r's generators start from seed + r * SEED_STRIDE (rank 0: the plain run's)
 
-def die(msg):
-    """Bad input: one line naming the fix, exit code 2 (like argparse), nothing else. Under torchrun
-    every rank finds the same mistake: rank 0 says it, the others leave quietly."""
+def leave(line, code):
+    """End the run with one line on stderr. Under torchrun every rank comes to the same end: rank 0
+    says it and exits; the others wait, and torchrun stops them once rank 0 has exited (a rank that
+    left first would have torchrun stop rank 0 before its line was out)."""
     if os.environ.get("RANK", "0") == "0":
-        print(f"train.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
+        print(line, file=sys.stderr)
+    else:
+        time.sleep(60)                          # torchrun ends this wait as soon as rank 0 has exited
+    sys.exit(code)
+
+def die(msg):
+    """Bad input: one line naming the fix, exit code 2 (like argparse), nothing else."""
+    leave(f"train.py: error: {msg}", 2)
 
 # -----------------------------------------------------------------------------
 # options, all checked before the world is built, any weights load or anything is written
@@ -461,10 +468,8 @@ def update(run, w, args, pairs, epochs, anchor):
 def stop(run, why):
     """A non-finite loss or gradient: one line, nothing more written, the last checkpoint kept."""
     ck = checkpoint.latest(run.out)
-    if rank == 0:
-        print(f"train.py: stopped at step {run.steps + 1}: {why} -- nothing was written after the last good checkpoint "
-              f"({ck['labels']} labels, {ck['dir']}); lower --lr, or start again with another --seed", file=sys.stderr)
-    sys.exit(1)
+    leave(f"train.py: stopped at step {run.steps + 1}: {why} -- nothing was written after the last good checkpoint "
+          f"({ck['labels']} labels, {ck['dir']}); lower --lr, or start again with another --seed", 1)
 
 @torch.inference_mode()
 def evaluate(policy, ref, tok, oracle, prompts, args, eos_id=None):
