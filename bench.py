@@ -169,7 +169,7 @@ def bench_sampling(size, args):
         everything, pm = slice(0, 2 * B), slice(0, B)
         t = race({"pilaf": lambda warm: calls([(pol, everything), (ref, pm)], p_ids, p_mask, n(warm)),
                   "vanilla": lambda warm: calls([(pol, everything)], p_ids, p_mask, n(warm))}, args.reps, dev)
-        yield (size, f"    (b) the same batches' model calls alone: no mixing, no draw",
+        yield (size, "    (b) the same batches' model calls alone: no mixing, no draw",
                      f"{t['pilaf']:8.3f} s", f"{t['vanilla']:8.3f} s", t["pilaf"] / t["vanilla"], "")
 
     ids, mask = prompts(S["nocache_prompts"], S["prompt_len"], V, dev)
@@ -184,11 +184,12 @@ def bench_sampling(size, args):
     # wherever a forward on few rows cannot keep the arithmetic units busy
     L = S["prompt_len"] + S["nocache_new"] // 2
     ids, mask = prompts(S["nocache_prompts"], L, V, dev, seed=1)
-    with torch.inference_mode():
-        cache = pol(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True).cache
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        cache = pol(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], use_cache=True).cache
+    k = 10   # steps a repetition: one step alone is too short to time
 
-    def step(warm, cached, k=10):   # k steps a repetition: one step alone is too short to time
+    def step(warm, cached):
         with torch.inference_mode():
             for _ in range(k):
                 if cached:   # the new token against the cached prefix; the cache is cut back to the prefix after
@@ -199,7 +200,7 @@ def bench_sampling(size, args):
                     pol(input_ids=ids, attention_mask=mask, position_ids=pos)
     t = race({"cache": lambda warm: step(warm, True), "nocache": lambda warm: step(warm, False)}, args.reps, dev)
     yield (size, f"    (c) one policy step, {S['nocache_prompts']} rows x {L} tokens: {L}x the tokens without a cache",
-                 f"{t['cache'] / 10:8.4f} s", f"{t['nocache'] / 10:8.4f} s", t["nocache"] / t["cache"], "")
+                 f"{t['cache'] / k:8.4f} s", f"{t['nocache'] / k:8.4f} s", t["nocache"] / t["cache"], "")
 
 # -----------------------------------------------------------------------------
 # (d): one DPO step
