@@ -16,34 +16,23 @@ def test_bad_arguments_fail_in_one_line(argv, match, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and match in err, err
 
-class Recording(torch.nn.Module):
-    """Wraps a model and records the shapes every call reads: its tokens and its attention mask."""
-    def __init__(self, model, log, name):
-        super().__init__()
-        self.model, self.log, self.name = model, log, name
-
-    def forward(self, input_ids, attention_mask, **kw):
-        self.log.append((self.name, tuple(input_ids.shape), tuple(attention_mask.shape)))
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
-
 def test_the_floor_line_makes_the_pilaf_batchs_model_calls():
     """bench's "model calls alone" make the calls a PILAF pair batch makes when half its prompts draw
     (pi+, pi-): the same models in the same order, each on as many rows over as long a prefix, every step.
     (Which prompts the reference's rows hold differs, not their number or padded length.)"""
     from conftest import tiny_lm
-    from test_sample import PAD, PROMPTS, left_padded
+    from test_sample import PAD, PROMPTS, CountingLM, left_padded
     import pilaf
     ids, mask = left_padded(PROMPTS * 2)                # 8 prompts of different lengths
-    B, log = len(ids), []
-    pol, ref = Recording(tiny_lm(1), log, "pol"), Recording(tiny_lm(2), log, "ref")
+    B, P = ids.shape
+    order = []
+    pol, ref = CountingLM(tiny_lm(1), order), CountingLM(tiny_lm(2), order)
     gen = lambda s: dict(max_new_tokens=5, eos_id=99, pad_id=PAD, temperature=1.0, generator=torch.Generator().manual_seed(s))
     seed = next(s for s in range(100) if pilaf.pilaf(pol, ref, ids, mask, 0.1, gen(s))["forwards"] == 3 * B)
-    log.clear()
-    out = pilaf.pilaf(pol, ref, ids, mask, 0.1, gen(seed))
-    assert out["a"].shape[1] == 5                       # no EOS in the tiny vocabulary: every step taken
-    sampled = list(log)
-    log.clear()
-    bench.calls([(pol, slice(0, 2 * B)), (ref, slice(0, B))], ids.repeat(2, 1), mask.repeat(2, 1), 5)
-    P = ids.shape[1]
-    assert log == sampled == [c for t in range(5) for c in (("pol", (2 * B, 1 if t else P), (2 * B, P + t)),
-                                                             ("ref", (B, 1 if t else P), (B, P + t)))]
+    want = lambda rows: [((rows, 1 if t else P), (rows, P + t)) for t in range(5)]   # (tokens, mask) shapes per step
+    for run in (lambda: pilaf.pilaf(pol, ref, ids, mask, 0.1, gen(seed)),
+                lambda: bench.calls([(pol, slice(0, 2 * B)), (ref, slice(0, B))], ids.repeat(2, 1), mask.repeat(2, 1), 5)):
+        for log in (pol.calls, ref.calls, order):
+            log.clear()
+        run()                                           # no EOS in the tiny vocabulary: every step taken
+        assert pol.calls == want(2 * B) and ref.calls == want(B) and order == [pol, ref] * 5

@@ -86,14 +86,22 @@ def test_a_row_is_the_same_whatever_else_is_in_the_batch():
         torch.testing.assert_close(both[2][rows, :L], alone[2], rtol=0, atol=1e-10)
 
 class CountingLM(torch.nn.Module):
-    """Wraps a model and counts the rows it is stepped on."""
-    def __init__(self, model):
+    """Wraps a model and records every call it gets: the shapes of its tokens and of its attention mask.
+    Models given one `log` list also leave themselves there at each call: the order they were called in."""
+    def __init__(self, model, log=None):
         super().__init__()
-        self.model, self.rows = model, 0
+        self.model, self.calls, self.log = model, [], log
 
-    def forward(self, input_ids, **kw):
-        self.rows += input_ids.shape[0]
-        return self.model(input_ids=input_ids, **kw)
+    @property
+    def rows(self):
+        """Rows stepped, over all calls."""
+        return sum(ids[0] for ids, _ in self.calls)
+
+    def forward(self, input_ids, attention_mask, **kw):
+        self.calls.append((tuple(input_ids.shape), tuple(attention_mask.shape)))
+        if self.log is not None:
+            self.log.append(self)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
 
 def test_a_model_reads_only_the_rows_that_use_it():
     pol, ref = CountingLM(tiny_lm(1)), CountingLM(tiny_lm(2))
