@@ -287,7 +287,23 @@ def ensure(out_dir=DEFAULT_DIR, cfg=WORLD):
 # -----------------------------------------------------------------------------
 # loading: the same code for the embedded world's folders and for hub names
 
+CODE_FILES = ("config.json", "tokenizer_config.json")   # where a Hugging Face folder can ask to run its own code
+
 def _load(what, name, fn):
+    """fn(name), every failure one line. A local folder that asks to run code of its own (`auto_map`)
+    is refused before anything is read: loading never runs foreign code, and every from_pretrained
+    here passes trust_remote_code=False (left out, transformers asks on stdin, and a piped answer says yes)."""
+    for f in CODE_FILES:
+        path = os.path.join(name, f)
+        if os.path.isfile(path):
+            try:
+                with open(path) as fh:
+                    asks = "auto_map" in json.load(fh)
+            except (OSError, ValueError):
+                asks = False            # unreadable: from_pretrained below says what is wrong with it
+            if asks:
+                raise WorldError(f"{what} folder '{name}' asks to run code of its own (auto_map in {f}) -- loading "
+                                 f"never runs a folder's code; use a model of an architecture transformers has built in")
     try:
         return fn(name)
     except Exception as e:  # from_pretrained raises OSError, ValueError, HTTP errors... all mean "can't load"
@@ -305,7 +321,11 @@ def check_name(what, name):
     looks_local = name.startswith((".", "/", "~")) or os.path.exists(name)
     if looks_local and not os.path.isfile(os.path.join(name, "config.json")):
         raise WorldError(f"{what} folder '{name}' has no config.json -- pass a folder saved with save_pretrained, or a hub name")
-    return _load(what, name, AutoConfig.from_pretrained)
+    cfg = _load(what, name, lambda n: AutoConfig.from_pretrained(n, trust_remote_code=False))
+    if getattr(cfg, "auto_map", None):      # a hub model that asks for its own code (nothing of it was run)
+        raise WorldError(f"{what} '{name}' asks to run code of its own (auto_map in its config) -- loading never runs "
+                         f"a model's code; use a model of an architecture transformers has built in")
+    return cfg
 
 def eos_ids(model, tok):
     """Every id that ends a response: the tokenizer's EOS and the generation config's, which may be a
@@ -316,7 +336,7 @@ def eos_ids(model, tok):
 
 def load_policy_tokenizer(name):
     """Left padding for prompts; pad falls back to EOS (harmless: every mask here is explicit)."""
-    tok = _load("policy tokenizer", name, AutoTokenizer.from_pretrained)
+    tok = _load("policy tokenizer", name, lambda n: AutoTokenizer.from_pretrained(n, trust_remote_code=False))
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -324,12 +344,13 @@ def load_policy_tokenizer(name):
 
 def load_policy(name, dtype=torch.float32):
     """A causal LM (in eval mode: no dropout anywhere in this repo) and its tokenizer."""
-    model = _load("policy", name, lambda n: AutoModelForCausalLM.from_pretrained(n, dtype=dtype))
+    model = _load("policy", name, lambda n: AutoModelForCausalLM.from_pretrained(n, dtype=dtype, trust_remote_code=False))
     return model.eval(), load_policy_tokenizer(name)
 
 def load_oracle(name, dtype=torch.float32):
-    model = _load("oracle", name, lambda n: AutoModelForSequenceClassification.from_pretrained(n, dtype=dtype))
-    tok = _load("oracle tokenizer", name, AutoTokenizer.from_pretrained)
+    rm = AutoModelForSequenceClassification
+    model = _load("oracle", name, lambda n: rm.from_pretrained(n, dtype=dtype, trust_remote_code=False))
+    tok = _load("oracle tokenizer", name, lambda n: AutoTokenizer.from_pretrained(n, trust_remote_code=False))
     tok.padding_side = "right"
     if tok.pad_token is None:   # a distinct pad id, so the classifier finds each row's last real token
         tok.add_special_tokens({"pad_token": "<|pad|>"})
