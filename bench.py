@@ -23,6 +23,8 @@ machine whose speed drifts still gives a fair ratio. The slow GPT-2 cases, the l
 the DPO step, take 2 repetitions. Each DPO-step case runs one step in a child process of its own
 (children interleaved) and reports the rise of its peak resident memory (on CUDA, max_memory_allocated).
 """
+import omp  # noqa: F401  (first: how the CPU threads wait, set before torch loads; omp.py says why)
+
 import argparse
 import json
 import os

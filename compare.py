@@ -26,6 +26,8 @@ final J, with a bootstrap interval over seeds), <out>/reward_kl.png (reward vs K
 combination gets its own folder <out>/<key>-<value>_... holding the runs, report and figures above,
 and <out>/results.md gathers them in one table (each point's J and its paired difference to Vanilla).
 """
+import omp  # noqa: F401  (first: how the CPU threads wait, set before torch loads; omp.py says why)
+
 import argparse
 import itertools
 import json

@@ -19,6 +19,8 @@ iterative DPO: --iterations rounds of --labels/--iterations pairs, --epochs pass
     python train.py --policy gpt2 --oracle <rm folder> --prompts imdb --prompt_format imdb --prompt_column text
     torchrun --standalone --nproc_per_node 2 train.py --sampler pilaf    # the same loop on 2 processes (DDP)
 """
+import omp  # noqa: F401  (first: how the CPU threads wait, set before torch loads; omp.py says why)
+
 import argparse
 import copy
 import dataclasses

@@ -22,6 +22,8 @@ reward/KL trade-off and room for the samplers to differ. The oracle is a small n
 trained from this ground truth, with a tokenizer of its own, reached only through text — exactly
 like a hub reward model, including its mistakes.
 """
+import omp  # noqa: F401  (first: how the CPU threads wait, set before torch loads; omp.py says why)
+
 import hashlib
 import json
 import os
