@@ -1,30 +1,73 @@
 """
-The run folder's state on disk: what `python train.py --resume <run folder>` needs to continue a
-run killed at any moment (SIGKILL included) and end with the same numbers as a run never stopped.
+The run folder: everything a run writes, and what `python train.py --resume <run folder>` needs to
+continue a run killed at any moment (SIGKILL included) and end with the same numbers as a run
+never stopped.
 
     <run>/config.json          the run's options (written once, atomically)
-    <run>/pairs.jsonl          every labelled pair, appended one batch per write, flushed before any
-                               training on it: labels cost money, so they reach the disk first
+    <run>/pairs.jsonl          every labelled pair, appended and flushed as the labeller gives it,
+                               before any training on it: labels cost money, so they reach the disk first
     <run>/metrics.jsonl        one line per evaluation, appended and flushed
     <run>/checkpoints/<name>/  policy/ (save_pretrained: safetensors + config), optimizer.pt,
                                rng.pt (torch and generator states)
-    <run>/checkpoint.json      which checkpoint is the latest, with the counters: labels used, steps,
-                               prompt order, python RNG state, how many lines of pairs.jsonl and
-                               metrics.jsonl it accounts for
+    <run>/checkpoint.json      which checkpoint is the latest, with the run's counters (Run, below):
+                               labels used, steps, prompt order, python RNG state, how many lines of
+                               pairs.jsonl and metrics.jsonl it accounts for
+    <run>/policy/, summary.json  the final policy and metrics; summary.json marks a finished run
 
 A checkpoint is written aside under a temporary name, renamed into place, and only then named by
 checkpoint.json, itself replaced atomically (temporary file, then os.replace). So a kill leaves
 either the old checkpoint or the new one, never half of one, and a checkpoint never counts pairs
-that are not on disk (they were flushed before the training it saves). Loading never runs foreign
-code: safetensors for weights, torch.load(weights_only=True) for tensors, JSON for the rest.
+that are not on disk (they were flushed before the training it saves). A resumed run replays the
+rounds after its checkpoint: the sampler draws again, so every generator ends where it would have,
+but the pairs already on disk are taken from there instead of being labelled again (on_disk, keep).
+Loading never runs foreign code: safetensors for weights, torch.load(weights_only=True) for
+tensors, JSON for the rest.
+
+Each function here is one call in train.py; under torchrun rank 0 alone writes.
 """
+import contextlib
+import dataclasses
 import json
+import math
 import os
+import random
 import shutil
+import sys
+import time
+from functools import partial
 
 import torch
+from tqdm import tqdm
+
+import ddp
+import pairs as P
+from oracle import Stop
+from world import WorldError
+from ddp import die
 
 POINTER = "checkpoint.json"
+
+@dataclasses.dataclass
+class Run:
+    """A run's counters: what checkpoint.json keeps, and metrics.jsonl reports. The live objects
+    (generators, optimizer, open files) are attributes open() adds; they are not fields."""
+    round: int = 0              # rounds finished
+    labels: int = 0             # labels used so far: the annotation budget
+    judged: int = 0             # responses shown to the labeller (two per label; paper Table 1)
+    reused: int = 0             # labels a resumed run took from pairs.jsonl instead of buying them again
+    steps: int = 0              # DPO steps
+    forwards: int = 0           # sampling forwards (paper Table 1)
+    score_forwards: int = 0     # extra teacher-forced passes (best_of_n's ranking)
+    tokens: int = 0             # tokens of the labelled responses
+    sample_s: float = 0.0       # seconds spent sampling
+    order: list = dataclasses.field(default_factory=list)       # the shuffled prompt indices still to come
+    train_log: list = dataclasses.field(default_factory=list)   # each step's statistics since the last evaluation
+    tally: dict = dataclasses.field(default_factory=lambda: dict(answered=0, skipped=0, agreed=0))  # of the pairs so far
+    metrics: int = 0            # lines of metrics.jsonl
+    last: dict = None           # the last evaluation
+
+# -----------------------------------------------------------------------------
+# files: written atomically, or appended and flushed line by line
 
 def write_text(path, text):
     """Atomically: a reader (or a resume after a kill) sees the old file or the new one, whole."""
@@ -42,27 +85,177 @@ def write_lines(path, lines):
     """Replace a .jsonl file by these lines, atomically."""
     write_text(path, "".join(lines))
 
-def read_lines(path):
-    """The complete lines of a .jsonl file (a kill in the middle of a write can leave a torn last one)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        lines = f.readlines()
-    return [l for l in lines if l.endswith("\n")]
+# -----------------------------------------------------------------------------
+# a run: started fresh, or resumed from its last checkpoint
 
-def save(out, name, policy, tok, opt, rngs, state):
-    """Write checkpoint `name` of the run in `out`, then make it the latest; older ones are removed."""
-    root = os.path.join(out, "checkpoints")
+def start(args, w, ck=None):
+    """The run's state: a fresh folder with config.json (its earlier run files removed: --overwrite),
+    or, from checkpoint `ck`, the counters, generators and optimizer it saved, with the pairs bought
+    after it read back to be reused."""
+    pairs_path, metrics_path = os.path.join(args.out, "pairs.jsonl"), os.path.join(args.out, "metrics.jsonl")
+    if not ck and ddp.rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        for d in ("policy", "checkpoints"):
+            shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
+        for f in ("summary.json", POINTER, "pairs.jsonl", "metrics.jsonl"):
+            if os.path.exists(os.path.join(args.out, f)):
+                os.remove(os.path.join(args.out, f))
+        write_json(os.path.join(args.out, "config.json"), vars(args))
+    run = Run(**{f.name: ck[f.name] for f in dataclasses.fields(Run)}) if ck else Run()
+    run.out, run.t0, run.disk, run.diverged, run.report = args.out, time.time(), [], False, w.labeller.report
+    torch.manual_seed(args.seed)
+    run.rng = random.Random(args.seed)                                              # prompt order, minibatch order
+    run.g_sample = torch.Generator(args.device).manual_seed(ddp.seed(args.seed))    # responses, coin flips
+    run.g_label = torch.Generator().manual_seed(ddp.seed(args.seed + 1))            # Bradley-Terry labels
+    run.opt = torch.optim.AdamW(w.policy.parameters(), lr=args.lr, weight_decay=0.0)
+    run.model = ddp.wrap(w.policy)       # DDP under torchrun: gradients averaged over the ranks in backward()
+    # bf16: forwards under autocast, one fresh context per stage. Autocast keeps its bf16 copies of the
+    # weights until the outermost context exits, so one context around the whole run would make every
+    # forward read the initial weights while AdamW updates the float32 ones: a run that never learns.
+    run.amp = partial(torch.autocast, args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    if ck:
+        if ck.get("nproc", 1) != ddp.nproc:
+            die(f"--resume {args.out}: the run was made with {ck.get('nproc', 1)} processes, this is {ddp.nproc} "
+                f"-- resume it with torchrun --nproc_per_node {ck.get('nproc', 1)}" if ck.get("nproc", 1) > 1
+                else f"-- resume it with plain python train.py")
+        run.t0 -= ck["time"]
+        s = ck["python_rng"]
+        run.rng.setstate((s[0], tuple(s[1]), s[2]))
+        opt, rngs = load_tensors(ck["dir"])
+        run.opt.load_state_dict(opt)
+        torch.set_rng_state(rngs["torch"])
+        run.g_sample.set_state(rngs["sample"][ddp.rank])
+        run.g_label.set_state(rngs["label"][ddp.rank])
+        # metrics after the checkpoint are made again, identically; pairs after it are reused as they are
+        lines = P.read_lines(pairs_path)
+        if len(lines) < ck["labels"]:
+            die(f"--resume {args.out}: pairs.jsonl holds {len(lines)} pairs, fewer than its checkpoint's {ck['labels']} "
+                f"-- the folder was changed by hand; start again with --overwrite")
+        if ddp.rank == 0:
+            write_lines(metrics_path, P.read_lines(metrics_path)[:ck["metrics"]])
+            write_lines(pairs_path, lines)   # without a torn last line, if the kill left one
+        try:
+            run.disk = P.read(pairs_path, w.policy.config.vocab_size)
+        except WorldError as e:
+            die(str(e))
+        if ddp.rank == 0:
+            print(f"resuming {args.out} at {ck['labels']} labels; {len(lines) - ck['labels']} labels bought after that "
+                  f"checkpoint are reused, not bought again")
+    if ddp.rank == 0:
+        run.pairs_f, run.metrics_f = open(pairs_path, "a"), open(metrics_path, "a")
+    # no bar on other ranks, nor where a person reads the pairs in this terminal; otherwise tqdm decides
+    # (TQDM_DISABLE=1 turns it off: a `disable` passed here would override that)
+    quiet = dict(disable=True) if ddp.rank > 0 or w.labeller.terminal else {}
+    run.bar = tqdm(total=args.labels, initial=run.labels, desc=f"{args.sampler}/{args.mode}", unit="label", **quiet)
+    return run
+
+def spent(run, out, seconds):
+    """A batch's sampling cost, counted for metrics.jsonl: forwards (paper Table 1), extra scoring
+    passes, response tokens, each summed over the ranks; and this rank's seconds."""
+    cost = ddp.total([out["forwards"], out["score_forwards"], int(out["a_mask"].sum() + out["b_mask"].sum())])
+    run.forwards, run.score_forwards, run.tokens = (x + int(c) for x, c in zip((run.forwards, run.score_forwards, run.tokens), cost))
+    run.sample_s += seconds
+
+def on_disk(run, first, texts, a, b):
+    """The pairs of this share of a batch (its first at the run's index `first`) that a resumed run
+    bought before it was killed: taken from pairs.jsonl, never labelled again. The sampler replayed
+    them; where its samples differ from the saved ones (sampling is not bit-exact on a GPU) the saved
+    pairs are used as they are, with a note. Empty in a run never stopped."""
+    saved = run.disk[first:first + len(texts)]
+    for j, d in enumerate(saved):
+        if d.prompt != texts[j] or sorted([d.chosen_ids, d.rejected_ids]) != sorted([a[j].ids, b[j].ids]):
+            if not run.diverged and ddp.rank == 0:
+                print(f"note: the replayed samples differ from {run.out}/pairs.jsonl at label {first + j} "
+                      f"(sampling is not bit-reproducible here); its saved labels are used as they are")
+            run.diverged = True
+    return saved
+
+def keep(run, saved, new):
+    """A batch's pairs: this share's `saved` ones (on_disk), then the `new` ones, each appended to
+    pairs.jsonl and flushed as the labeller gives it (a person's answer is never lost), before any
+    training on it. Under torchrun the ranks' shares are gathered in prompt order and rank 0 writes
+    the new ones. Counts the labels, the reused ones and the tally. -> the whole batch"""
+    mine = list(saved)
+    for p in new:
+        mine.append(p)
+        if not ddp.on:
+            append(run, [p])
+    batch = ddp.gather(mine)
+    k = min(len(batch), max(0, len(run.disk) - run.labels))          # of the batch, pairs that were on disk
+    if ddp.on and ddp.rank == 0:
+        append(run, batch[k:])
+    count(run, batch, k)
+    return batch
+
+def append(run, pairs):
+    run.pairs_f.write("".join(P.line(p) for p in pairs))
+    run.pairs_f.flush()
+
+def count(run, batch, reused):
+    """The batch's labels (paper Table 1: two responses judged per label) and what the labeller said."""
+    run.labels, run.judged, run.reused = run.labels + len(batch), run.judged + 2 * len(batch), run.reused + reused
+    answered = [p for p in batch if not p.skipped]
+    run.tally = dict(answered=run.tally["answered"] + len(answered), skipped=run.tally["skipped"] + len(batch) - len(answered),
+                     agreed=run.tally["agreed"] + sum(p.chosen_score > p.rejected_score for p in answered))
+    run.bar.update(len(batch))
+
+def reread(run, source, n, batch_size):
+    """--from_pairs: the next n pairs of the source file, in their order, instead of collect's sampling
+    and labelling (nothing is bought); written to this run's pairs.jsonl as collect writes its own."""
+    got = []
+    for i in range(0, n, batch_size):
+        batch = [dataclasses.replace(p, round=run.round, step=run.steps)
+                 for p in source[run.labels:run.labels + min(batch_size, n - i)]]
+        k = min(len(batch), max(0, len(run.disk) - run.labels))
+        batch[:k] = run.disk[run.labels:run.labels + k]
+        if ddp.rank == 0:
+            append(run, batch[k:])
+        count(run, batch, k)
+        got += batch
+    return got
+
+def log(run, m):
+    """An evaluation, with the counters and the training statistics since the last one, appended to
+    metrics.jsonl and printed."""
+    m.update(step=run.steps, labels=run.labels, reused=run.reused, forwards=run.forwards,
+             fwd_per_pair=run.forwards / max(run.labels, 1), score_fwd_per_pair=run.score_forwards / max(run.labels, 1),
+             judged_per_label=run.judged / max(run.labels, 1),
+             tok_per_s=run.tokens / max(run.sample_s, 1e-9), time=time.time() - run.t0)
+    if run.train_log:
+        m.update({k: sum(x[k] for x in run.train_log) / len(run.train_log) for k in run.train_log[0]})
+        run.train_log.clear()
+    m.update(run.report(run.tally))
+    run.metrics += 1
+    run.last = m
+    if ddp.rank:
+        return
+    run.metrics_f.write(json.dumps(m) + "\n")
+    run.metrics_f.flush()
+    tqdm.write(f"step {m['step']:4d} | labels {m['labels']:5d} | reward {m['reward']:6.3f} | KL {m['kl']:6.2f} | "
+               f"J {m['J']:6.3f} | acc {m.get('acc', float('nan')):.2f} | len {m['len']:5.1f} | {m['time']:5.0f}s")
+    if m.get("answered"):
+        tqdm.write(f"you answered {m['answered']} pairs and skipped {m['skipped']}; the judge agreed with "
+                   f"{m['agree']:.0%} of your answers")
+
+def save(run, w):
+    """A checkpoint: everything the next round depends on."""
+    state = dict(dataclasses.asdict(run), time=time.time() - run.t0, python_rng=run.rng.getstate(), nproc=ddp.nproc)
+    gens = ddp.everyone((run.g_sample.get_state(), run.g_label.get_state()))       # one pair per rank
+    if ddp.rank:
+        return
+    rngs = dict(torch=torch.get_rng_state(), sample=[s for s, _ in gens], label=[l for _, l in gens])
+    name = f"labels-{run.labels:07d}"
+    root = os.path.join(run.out, "checkpoints")
     tmp, final = os.path.join(root, "." + name), os.path.join(root, name)
     for d in (tmp, final):            # left over from a life that was killed before naming it
         shutil.rmtree(d, ignore_errors=True)
     os.makedirs(tmp)
-    policy.save_pretrained(os.path.join(tmp, "policy"))   # safetensors, loadable as --init_from too
-    tok.save_pretrained(os.path.join(tmp, "policy"))
-    torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    w.policy.save_pretrained(os.path.join(tmp, "policy"))   # safetensors, loadable as --init_from too
+    w.tok.save_pretrained(os.path.join(tmp, "policy"))
+    torch.save(run.opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
     torch.save(rngs, os.path.join(tmp, "rng.pt"))
     os.replace(tmp, final)
-    write_json(os.path.join(out, POINTER), dict(state, dir=os.path.join("checkpoints", name)))
+    write_json(os.path.join(run.out, POINTER), dict(state, dir=os.path.join("checkpoints", name)))
     for d in os.listdir(root):        # only now is the older checkpoint no longer needed
         if d != name:
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
@@ -75,6 +268,7 @@ def latest(out):
     with open(path) as f:
         state = json.load(f)
     state["dir"] = os.path.join(out, state["dir"])
+    state["policy"] = os.path.join(state["dir"], "policy")
     return state
 
 def load_tensors(ckpt_dir):
@@ -82,3 +276,42 @@ def load_tensors(ckpt_dir):
     opt = torch.load(os.path.join(ckpt_dir, "optimizer.pt"), weights_only=True)
     rngs = torch.load(os.path.join(ckpt_dir, "rng.pt"), weights_only=True)
     return opt, rngs
+
+def finite_or_stop(run, loss, norm):
+    """A non-finite loss or gradient norm stops the run before the step: one line, nothing more
+    written, the last good checkpoint kept (the same on every rank: the statistics are reduced)."""
+    why = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm.item()}" \
+        if not torch.isfinite(norm) else None
+    if why:
+        ck = latest(run.out)
+        ddp.leave(f"train.py: stopped at step {run.steps + 1}: {why} -- nothing was written after the last good "
+                  f"checkpoint ({ck['labels']} labels, {ck['dir']}); lower --lr, or start again with another --seed", 1)
+
+@contextlib.contextmanager
+def stops(run):
+    """A labeller that stops the run (oracle.Stop: a person typed q, or their input ended) ends it
+    like a kill: every answer given is on disk, and --resume continues from the last checkpoint,
+    reusing them. Exit 0 for q, 1 for the end of the input."""
+    try:
+        yield
+    except Stop as e:
+        run.pairs_f.close()
+        print(f"\nstopped{f' ({e.why})' if e.why else ''}: your answers are in {run.out}/pairs.jsonl "
+              f"-- continue with python train.py --resume {run.out}")
+        sys.exit(e.code)
+
+def finish(run, w):
+    """The final policy, then summary.json, whose presence marks a finished run (both atomic)."""
+    run.bar.close()
+    if ddp.rank:
+        return
+    tmp = os.path.join(run.out, ".policy")
+    shutil.rmtree(tmp, ignore_errors=True)
+    w.policy.save_pretrained(tmp)
+    w.tok.save_pretrained(tmp)
+    shutil.rmtree(os.path.join(run.out, "policy"), ignore_errors=True)
+    os.replace(tmp, os.path.join(run.out, "policy"))
+    write_json(os.path.join(run.out, "summary.json"), run.last)
+    run.pairs_f.close()
+    run.metrics_f.close()
+    print(f"the run is in {run.out}/: summary.json, metrics.jsonl, pairs.jsonl, policy/")

@@ -42,16 +42,20 @@ import matplotlib.pyplot as plt
 import numpy as np
 from tqdm import tqdm
 
-import train   # train.py's own parser gives each run's full config (defaults included) and checks the arguments
+import options   # train.py's command line: each run's full config (defaults included), and its checks
 from pilaf import SAMPLERS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# the settings that make a comparison fair: every finished run in a folder must agree on all of them
-# (every train.py option that changes results, except those compare.py sets per run and --device)
-BUDGET_KEYS = ["labels", "batch_size", "iterations", "epochs", "lr", "beta", "max_new_tokens", "mode",
-               "temperature", "policy", "init_from", "oracle", "prompts", "label", "n", "xpo_alpha", "eval_every",
-               "eval_prompts", "eval_samples", "prompt_column", "prompt_format", "train_split", "test_split", "dtype", "oracle_format",
-               "from_pairs", "loss", "reference", "judge"]
+# A comparison is fair when every finished run in a folder agrees on every train.py option that can
+# change a result: all of them (a new option is counted the day it is added), except these.
+NOT_BUDGET = ("sampler", "seed",                # the comparison's own axes
+              "out", "overwrite", "resume",      # where a run is written, and how it is started
+              "world",                           # where the world is cached (the policy, oracle and prompts are compared)
+              "device",                          # cpu or cuda
+              "save_every")                      # checkpoints: a resumed run ends as one never stopped
+
+def budget_keys():
+    return [a.dest for a in options.parser()._actions if a.dest not in NOT_BUDGET + ("help",)]
 WORLD_PARTS = ("policy", "oracle", "prompts")   # None: the embedded world's, as train.py resolves them
 RESERVED = ["--sampler", "--mode", "--seed", "--out", "--overwrite", "--resume"]   # compare.py sets these per run
 NAMES = {"vanilla": "Vanilla", "best_of_n": "Best-of-N", "hybrid": "Hybrid", "pilaf": "PILAF"}
@@ -90,7 +94,7 @@ def get_args(argv=None):
             die(f"{a.split('=')[0]} is both a --grid axis and fixed after -- ; keep one")
     return args
 
-OPTIONS = {a.dest for a in train.parser()._actions if a.dest != "help"}   # what a --grid axis can be
+OPTIONS = {a.dest for a in options.parser()._actions if a.dest != "help"}   # what a --grid axis can be
 
 def parse_grid(tokens):
     """['loss=dpo,ipo', 'reference=initial,behavior'] -> [('loss', ['dpo', 'ipo']), ('reference', [...])];
@@ -149,7 +153,7 @@ def resolved(cfg):
     as train.py does before it writes config.json (so a default run compares equal to its own config)."""
     return dict(cfg, **{k: cfg.get(k) or os.path.join(cfg["world"], k) for k in WORLD_PARTS if cfg.get("world")})
 
-DEFAULTS = {a.dest: a.default for a in train.parser()._actions if a.dest != "help"}   # train.py's defaults
+DEFAULTS = {a.dest: a.default for a in options.parser()._actions if a.dest != "help"}   # train.py's defaults
 
 def check_budgets(args):
     """Refuse before any work if finished runs disagree with each other or with this command.
@@ -159,14 +163,14 @@ def check_budgets(args):
         for seed in args.seeds:
             d = run_dir(args.out, s, seed)
             if not args.only_report:
-                want = resolved(vars(train.get_args(train_argv(args, s, seed) + ["--overwrite"])))
+                want = resolved(vars(options.get_args(train_argv(args, s, seed) + ["--overwrite"])))
             if not os.path.exists(os.path.join(d, "summary.json")):
                 continue
             with open(os.path.join(d, "config.json")) as f:   # an option newer than the run: it ran with the default
                 have = resolved(dict(DEFAULTS, **json.load(f)))
             want = want or have     # --only_report: the first finished run sets the budget
             online = want.get("mode") == "online"   # online DPO has no iterations and one pass: those keys do not matter
-            diff = [k for k in BUDGET_KEYS if have.get(k) != want.get(k) and not (online and k in ("iterations", "epochs"))]
+            diff = [k for k in budget_keys() if have.get(k) != want.get(k) and not (online and k in ("iterations", "epochs"))]
             if diff:
                 die(f"mismatched budgets: {d} was run with " + ", ".join(f"{k}={have.get(k)!r}" for k in diff) +
                     " but this comparison uses " + ", ".join(f"{k}={want.get(k)!r}" for k in diff) +
@@ -407,7 +411,7 @@ def main(argv=None):
     if failed:
         print(f"compare.py: {len(failed)} run(s) failed: {' '.join(failed)} (logs under {args.out})", file=sys.stderr)
         sys.exit(1)
-    return done[0][1] if not args.grid else done
+    return done
 
 if __name__ == "__main__":
     main()

@@ -70,7 +70,7 @@ def pair_logps(model, prompt_ids, prompt_mask, chosen, chosen_mask, rejected, re
     """Log-probs of chosen and rejected responses to the same prompts. -> (B,), (B,)
 
     Two forwards rather than one over the 2B rows stacked: bench.py (d) measures the same time and
-    0.77x the peak memory at GPT-2's vocabulary, since each (B, L, V) block of logits and its
+    about three quarters of the peak memory at GPT-2's vocabulary (docs/performance.md), since each (B, L, V) block of logits and its
     logsumexp exists for half the rows at a time, and neither response is padded to the other's length."""
     return (sequence_logps(model, prompt_ids, prompt_mask, chosen, chosen_mask),
             sequence_logps(model, prompt_ids, prompt_mask, rejected, rejected_mask))

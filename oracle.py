@@ -1,12 +1,20 @@
 """
-The oracle: a frozen reward model standing in for the human labellers (as in the paper, where
-Skywork-Reward-Llama-3.1-8B plays that part). It is the only place ground truth enters training.
+The labellers: who says which response of a pair is better. Every labeller has one call,
 
-It sees text only: the policy's tokens are decoded, then re-tokenised with the reward model's own
-tokenizer (right padding, attention masks from that tokenizer), so any Hugging Face
-sequence-classification reward model works, whatever its vocabulary. A pair is labelled by a
-Bradley–Terry draw, P(a > b) = sigmoid(r(a) - r(b)), like a noisy human; `argmax` labels always
-prefer the higher score. Every label is counted: that count is the annotation budget.
+    label(prompts, a, b, u, n)  ->  yields a Label per pair, in order, as soon as it is decided
+
+with the texts of the prompts and of the two responses, one uniform u per pair from the run's label
+generator (a Bradley–Terry draw, or the order a person is shown the two in), and n, how many pairs
+the run had before these. A labeller that must stop (a person typed q) raises Stop after the labels
+it gave: the run keeps them and stops like a kill. A fork's labeller behind an API is one more class
+with this call, and one line where train.py's load() chooses the labeller.
+
+The oracle (as in the paper, where Skywork-Reward-Llama-3.1-8B plays the part of the human labellers)
+is a frozen reward model, the only place ground truth enters training. It sees text only: the
+policy's tokens are decoded, then re-tokenised with the reward model's own tokenizer (right padding,
+attention masks from that tokenizer), so any Hugging Face sequence-classification reward model works,
+whatever its vocabulary. A pair is labelled by a Bradley–Terry draw, P(a > b) = sigmoid(r(a) - r(b)),
+like a noisy human; `argmax` labels always prefer the higher score.
 
 What the reward model reads: a model trained on a chat template (Skywork-Reward, the paper's oracle)
 scores the conversation [user: prompt, assistant: response] rendered by its tokenizer's template;
@@ -16,19 +24,37 @@ tokenizer has a chat template; "chat" or "plain" force one.
 A person can take the oracle's place (Person, below: train.py --oracle human); a reward model then
 still scores the evaluations (--judge), and each answered pair, to count how often the two agree.
 """
+from typing import NamedTuple
+
 import torch
 
+class Label(NamedTuple):
+    a_wins: bool
+    score_a: float          # the labeller's scores (a person's pairs: the judge's), kept in pairs.jsonl
+    score_b: float
+    skipped: bool = False   # a person skipped the pair: it is kept and never trained on
+
+class Stop(Exception):
+    """The labeller stops the run (a person typed q, or their input ended): what it labelled is kept."""
+    def __init__(self, why, code):
+        super().__init__(why)
+        self.why, self.code = why, code
+
 class Oracle:
-    def __init__(self, model, tokenizer, batch_size=64, fmt="auto"):
+    terminal = False        # it needs no terminal: the run may show a progress bar
+
+    def __init__(self, model, tokenizer, batch_size=64, fmt="auto", how="bt"):
         self.model, self.tok = model, tokenizer
         self.chat = fmt == "chat" or (fmt == "auto" and bool(getattr(tokenizer, "chat_template", None)))
-        self.batch_size = batch_size
-        self.labels = 0       # preference labels given (one per pair)
-        self.judged = 0       # responses shown to the labeller (two per label; paper Table 1)
+        self.batch_size, self.how = batch_size, how
+        self.labels = 0       # preference labels this oracle gave (one per pair; the run's budget is train.py's count)
+        self.judged = 0       # responses it read to give them (two per label; paper Table 1)
 
     @torch.inference_mode()
     def score(self, prompts, responses):
         """Scalar reward of each (prompt, response) text. -> (N,) float tensor on the CPU."""
+        if not prompts:
+            return torch.zeros(0)
         dev = next(self.model.parameters()).device
         out = []
         for i in range(0, len(prompts), self.batch_size):
@@ -46,30 +72,42 @@ class Oracle:
                                                  {"role": "assistant", "content": response}], tokenize=False)
         return prompt + " " + response
 
-    def label(self, prompts, a, b, how="bt", generator=None, u=None):
-        """Which of each pair the labeller prefers. -> (a_wins (N,) bool, score_a (N,), score_b (N,))
-        Bradley-Terry draws one uniform per pair from `generator`, or takes them as `u` (N,)."""
+    def label(self, prompts, a, b, u, n=0):
+        """Bradley-Terry: a wins when u < sigmoid(r(a) - r(b)); argmax: when r(a) > r(b)."""
         sa, sb = self.score(prompts, a), self.score(prompts, b)
-        if how == "bt":
-            u = torch.rand(len(sa), generator=generator) if u is None else u
-            a_wins = u < torch.sigmoid(sa - sb)
-        elif how == "argmax":
-            a_wins = sa > sb
-        else:
-            raise ValueError(f"unknown labelling rule '{how}' (use bt or argmax)")
+        if self.how not in ("bt", "argmax"):
+            raise ValueError(f"unknown labelling rule '{self.how}' (use bt or argmax)")
+        a_wins = u < torch.sigmoid(sa - sb) if self.how == "bt" else sa > sb
         self.labels += len(sa)
         self.judged += 2 * len(sa)
-        return a_wins, sa, sb
+        for win, x, y in zip(a_wins.tolist(), sa.tolist(), sb.tolist()):
+            yield Label(win, x, y)
+
+    def report(self, tally):
+        """What metrics.jsonl reports about the labels beyond the run's counters: nothing for a reward model."""
+        return {}
 
 class Person:
     """A person as the labeller (train.py --oracle human): each pair is shown in the terminal, the two
-    responses in a random order, and the answer read from `inp` (a line per answer). The answer keys
-    are 1 or 2 (the better response), s to skip the pair (it is kept, unlabelled, and never trained
-    on) and q to stop; the end of the input stops too. Anything else is asked again."""
+    responses in the order the pair's uniform says, and the answer read from `inp` (a line per answer).
+    The answer keys are 1 or 2 (the better response), s to skip the pair (it is kept, unlabelled, and
+    never trained on) and q to stop; the end of the input stops too. Anything else is asked again.
+    `judge` (a reward model) scores both responses, so the run can say how often it agrees with you."""
     KEYS = {"1": 0, "2": 1, "s": "skip", "q": "stop"}
+    terminal = True         # the pairs are shown in this terminal: no progress bar over them
 
-    def __init__(self, inp, out):
-        self.inp, self.out = inp, out
+    def __init__(self, inp, out, judge, total):
+        self.inp, self.out, self.judge, self.total = inp, out, judge, total
+
+    def label(self, prompts, a, b, u, n=0):
+        sa, sb = self.judge.score(prompts, a), self.judge.score(prompts, b)
+        for j, (p, x, y) in enumerate(zip(prompts, a, b)):
+            swap = bool(u[j] < 0.5)                        # the first one shown is b when swapped
+            ans = self.ask(p, *((y, x) if swap else (x, y)), f"pair {n + j + 1} of {self.total}")
+            if ans in ("stop", "eof"):
+                raise Stop("the input ended" if ans == "eof" else "", int(ans == "eof"))
+            skipped = ans == "skip"
+            yield Label(skipped or (ans == 0) != swap, sa[j].item(), sb[j].item(), skipped)
 
     def ask(self, prompt, first, second, where):
         """-> 0 (first is better), 1 (second), 'skip', 'stop' (q), or 'eof' (the input ended)."""
@@ -85,3 +123,9 @@ class Person:
             if key in self.KEYS:
                 return self.KEYS[key]
             self.out.write(f"'{key}' is not an answer\n")
+
+    def report(self, tally):
+        """Your answers so far, and the share of them where the judge scores your chosen response higher."""
+        answered = tally["answered"]
+        return dict(answered=answered, skipped=tally["skipped"],
+                    agree=tally["agreed"] / answered if answered else None)   # None: nothing answered yet

@@ -29,9 +29,14 @@ Every sampler has the same signature and returns a dict:
     score_forwards        extra teacher-forced passes (Best-of-N's ranking)
 Table 1 of the paper, sampling forwards per labelled pair: vanilla 2, best_of_n 8 (N=8), hybrid 2,
 pilaf 3 on average (a pi+- response steps both models: 4 for half the pairs, 2 for the other half).
-Each sampler makes its whole batch in one decode loop (sample.generate with a mix per row), so the
-wall time follows those forward counts rather than the number of distinct mixes.
+Each sampler makes its whole batch in one decode loop (sample.generate with a mix per row), so it
+pays one loop's overhead, not one per distinct mix. Wall time follows those forward counts only where
+a forward's cost follows its rows: at the embedded world's size a Hugging Face forward call costs
+nearly as much on 32 rows as on 64, and a PILAF batch takes about 1.8x a Vanilla batch's time against
+Table 1's 1.5x (bench.py (b) and the model-calls floor beside it; docs/performance.md).
 """
+import inspect
+
 import torch
 
 from dpo import log_ratio
@@ -102,3 +107,8 @@ def best_of_n(policy, ref, prompt_ids, prompt_mask, beta, gen, n=8):
                 src=[("best", "worst")] * B, forwards=n * B, score_forwards=2 * n * B)
 
 SAMPLERS = {"vanilla": vanilla, "pilaf": pilaf, "best_of_n": best_of_n, "hybrid": hybrid}
+
+def options(name):
+    """The options sampler `name` takes beyond the common six arguments: its keyword parameters, named
+    as on train.py's command line (options.py's "sampler options" group), which passes their values."""
+    return list(inspect.signature(SAMPLERS[name]).parameters)[6:]

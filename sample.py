@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 def mix(logits, coefs, temperature=1.0):
-    """Log-probs of the sampling distribution from each model's next-token logits. (B, V) each -> (B, V)."""
+    """The formula above for one mix, written plainly: log-probs of the sampling distribution from each
+    model's next-token logits. (B, V) each -> (B, V). The decode loop computes the same distribution
+    from raw logits, row by row (see _decode); this form is for reading, the tests and the notebooks."""
     z = sum(c * F.log_softmax(_f32(h), dim=-1) for c, h in zip(coefs, logits))
     return F.log_softmax(z / temperature if temperature > 0 else z, dim=-1)
 
@@ -78,7 +80,7 @@ def generate(models, weights, prompt_ids, prompt_mask, max_new_tokens, eos_id, p
     if (w == 0).all(-1).any():
         raise ValueError("every row needs a nonzero weight on some model: a row of zeros samples from nothing")
     plain = M == 1 and bool((w == 1).all())        # one model, weight 1: its logits are the distribution
-    # each model steps only on the rows that use it: (model, its rows, their weights (n_m, 1)); rows in
+    # each model steps only on the rows that use it: (model, its rows, their weights (n_m, 1), all rows?); rows in
     # one contiguous range (all of them, or hybrid's halves) are a slice: views instead of copies
     steps = []
     for m in range(M):
@@ -86,14 +88,14 @@ def generate(models, weights, prompt_ids, prompt_mask, max_new_tokens, eos_id, p
         if len(rows):
             lo, hi = rows[0].item(), rows[-1].item() + 1
             sel = slice(lo, hi) if hi - lo == len(rows) else rows
-            steps.append((models[m], sel, w[rows, m, None]))
+            steps.append((models[m], sel, w[rows, m, None], len(rows) == B))
     eos = torch.tensor(eos_id, device=dev).view(-1)          # (E,) every id that ends a response
     with torch.inference_mode():   # no autograd bookkeeping at all: ~10% less time per step than no_grad
         out = _decode(steps, plain, prompt_ids, prompt_mask, max_new_tokens, eos, pad_id, temperature, generator)
     return tuple(t.clone() for t in out)   # copies made outside inference mode are ordinary tensors: trainable on
 
 def _decode(steps, plain, prompt_ids, prompt_mask, max_new_tokens, eos, pad_id, temperature, generator):
-    """generate's loop: steps = [(model, its rows, their weights (n_m, 1))]."""
+    """generate's loop: steps = [(model, its rows, their weights (n_m, 1), whether it reads every row)]."""
     (B, P), dev = prompt_ids.shape, prompt_ids.device
     caches = [None] * len(steps)
     attn = torch.cat([prompt_mask.long(), torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)], 1)  # (B, P + max)
@@ -104,7 +106,7 @@ def _decode(steps, plain, prompt_ids, prompt_mask, max_new_tokens, eos, pad_id, 
     for t in range(max_new_tokens):
         a = attn[:, :P + t]                                  # (B, P + t) a view: what the models may attend to
         z = None                                             # (B, V) the rows' mixed logits
-        for i, (model, r, wm) in enumerate(steps):
+        for i, (model, r, wm, every) in enumerate(steps):
             if t and done[r].all():
                 continue                                     # its rows have all ended: never needed again
             out = model(input_ids=x[r], attention_mask=a[r], position_ids=x_pos[r], cache=caches[i],
@@ -117,7 +119,7 @@ def _decode(steps, plain, prompt_ids, prompt_mask, max_new_tokens, eos, pad_id, 
             # raw logits mix to the same distribution as log-probs (the log_softmax below removes each
             # row's shift), one pass over (n_m, V) fewer per model and step
             share = wm.to(h.dtype) * h                       # (n_m, V) this model's part of its rows' mix
-            if z is None and r == slice(0, B):
+            if z is None and every:
                 z = share                                    # the first model reads every row
             else:
                 z = torch.zeros(B, h.shape[-1], dtype=h.dtype, device=dev) if z is None else z

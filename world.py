@@ -1,7 +1,8 @@
 """
-The world the algorithm runs in: a tokenizer, a reference policy, an oracle reward model and
-prompts. `build()` makes the embedded default offline (a tiny help-desk task), and the `load_*`
-functions open it, or any Hugging Face model / data set named on the command line, the same way.
+The embedded world the algorithm runs in by default: a tokenizer, a reference policy, an oracle
+reward model and prompts, built offline from a seed (`build`, a tiny help-desk task) and cached
+(`ensure`). It is saved as ordinary Hugging Face folders and a DatasetDict, so load.py opens it
+exactly as it opens any model or data set named on the command line.
 
 The embedded task. A customer writes in with a problem; the agent replies in a few short sentences:
 
@@ -35,9 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoTokenizer, GPT2Config, GPT2ForSequenceClassification,
-                          GPT2LMHeadModel, PreTrainedTokenizerFast)
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 # -----------------------------------------------------------------------------
 # settings of the embedded world; changing any of them rebuilds it (the cache key is their hash)
@@ -285,127 +284,3 @@ def ensure(out_dir=DEFAULT_DIR, cfg=WORLD):
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
-
-# -----------------------------------------------------------------------------
-# loading: the same code for the embedded world's folders and for hub names
-
-CODE_FILES = ("config.json", "tokenizer_config.json")   # where a Hugging Face folder can ask to run its own code
-
-def _load(what, name, fn):
-    """fn(name), every failure one line. A local folder that asks to run code of its own (`auto_map`)
-    is refused before anything is read: loading never runs foreign code, and every from_pretrained
-    here passes trust_remote_code=False (left out, transformers asks on stdin, and a piped answer says yes)."""
-    for f in CODE_FILES:
-        path = os.path.join(name, f)
-        if os.path.isfile(path):
-            try:
-                with open(path) as fh:
-                    asks = "auto_map" in json.load(fh)
-            except (OSError, ValueError):
-                asks = False            # unreadable: from_pretrained below says what is wrong with it
-            if asks:
-                raise WorldError(f"{what} folder '{name}' asks to run code of its own (auto_map in {f}) -- loading "
-                                 f"never runs a folder's code; use a model of an architecture transformers has built in")
-    try:
-        return fn(name)
-    except Exception as e:  # from_pretrained raises OSError, ValueError, HTTP errors... all mean "can't load"
-        where = ("a folder written by save_pretrained / save_to_disk" if os.path.isdir(name)
-                 else "a local folder, or download it first (no network here?)")
-        raise WorldError(f"cannot load {what} '{name}': {type(e).__name__}: {str(e).splitlines()[0][:200]} "
-                         f"-- pass {where}") from None
-
-def context_length(config):
-    """Positions a model can read (GPT-2 calls it n_positions, most others max_position_embeddings)."""
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-
-def check_name(what, name):
-    """Fail early (before any weights are read) when a model folder is missing or unreadable."""
-    looks_local = name.startswith((".", "/", "~")) or os.path.exists(name)
-    if looks_local and not os.path.isfile(os.path.join(name, "config.json")):
-        raise WorldError(f"{what} folder '{name}' has no config.json -- pass a folder saved with save_pretrained, or a hub name")
-    cfg = _load(what, name, lambda n: AutoConfig.from_pretrained(n, trust_remote_code=False))
-    if getattr(cfg, "auto_map", None):      # a hub model that asks for its own code (nothing of it was run)
-        raise WorldError(f"{what} '{name}' asks to run code of its own (auto_map in its config) -- loading never runs "
-                         f"a model's code; use a model of an architecture transformers has built in")
-    return cfg
-
-def eos_ids(model, tok):
-    """Every id that ends a response: the tokenizer's EOS and the generation config's, which may be a
-    list (Llama-3 instruct models end a turn with <|eot_id|> as well as <|end_of_text|>)."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    return sorted(set(ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
-
-def load_policy_tokenizer(name):
-    """Left padding for prompts; pad falls back to EOS (harmless: every mask here is explicit)."""
-    tok = _load("policy tokenizer", name, lambda n: AutoTokenizer.from_pretrained(n, trust_remote_code=False))
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-def load_policy(name, dtype=torch.float32):
-    """A causal LM (in eval mode: no dropout anywhere in this repo) and its tokenizer."""
-    model = _load("policy", name, lambda n: AutoModelForCausalLM.from_pretrained(n, dtype=dtype, trust_remote_code=False))
-    return model.eval(), load_policy_tokenizer(name)
-
-def load_oracle(name, dtype=torch.float32):
-    rm = AutoModelForSequenceClassification
-    model = _load("oracle", name, lambda n: rm.from_pretrained(n, dtype=dtype, trust_remote_code=False))
-    tok = _load("oracle tokenizer", name, lambda n: AutoTokenizer.from_pretrained(n, trust_remote_code=False))
-    tok.padding_side = "right"
-    if tok.pad_token is None:   # a distinct pad id, so the classifier finds each row's last real token
-        tok.add_special_tokens({"pad_token": "<|pad|>"})
-        model.resize_token_embeddings(len(tok))
-    if model.config.num_labels != 1:
-        raise WorldError(f"oracle '{name}' has {model.config.num_labels} output labels -- a reward model gives one "
-                         f"score (num_labels=1); a classifier's class scores are not rewards")
-    model.config.pad_token_id = tok.pad_token_id
-    tok.truncation_side = "left"   # a text too long for the oracle loses the prompt's start, not the response
-    n_ctx = context_length(model.config)
-    if n_ctx:   # many tokenizers leave model_max_length unset (1e30): cut texts at the model's context
-        tok.model_max_length = min(tok.model_max_length, n_ctx)
-    return model.eval(), tok
-
-def check_vocab(policy_tok, ref_tok):
-    """pi± mix the two models' logits token by token, so the vocabularies must be the same."""
-    if policy_tok.get_vocab() != ref_tok.get_vocab():
-        raise WorldError("policy and reference tokenizers differ -- PILAF mixes their logits token by token, "
-                         "so start the policy from a checkpoint of the reference model (same vocabulary)")
-
-HH_SEP = "\n\nAssistant:"
-
-def _hh_prompt(text):
-    """Anthropic HH-RLHF stores whole dialogues; the prompt is everything up to the last assistant turn."""
-    if HH_SEP not in text:
-        raise WorldError(f"--prompt_format hh: a text has no {HH_SEP!r} turn -- use --prompt_format raw for plain prompts")
-    return text[: text.rfind(HH_SEP) + len(HH_SEP)]
-
-def _imdb_prompt(text, n_words=8):
-    """IMDb reviews become prompts by keeping their first words (the classic sentiment task)."""
-    return " ".join(text.replace("<br />", " ").split()[:n_words])
-
-FORMATS = {"raw": lambda t: t, "hh": _hh_prompt, "imdb": _imdb_prompt}
-
-def load_prompts(name, column="prompt", fmt="raw", train_split="train", test_split="test"):
-    """(train prompts, test prompts) as lists of strings, from a saved DatasetDict folder or a hub name."""
-    import datasets
-    if fmt not in FORMATS:
-        raise WorldError(f"unknown prompt format '{fmt}' -- use one of {', '.join(FORMATS)}")
-    loader = datasets.load_from_disk if os.path.isdir(name) else datasets.load_dataset
-    ds = _load("prompt data set", name, loader)
-    if not isinstance(ds, datasets.DatasetDict) or train_split not in ds or test_split not in ds:
-        splits = list(ds) if isinstance(ds, datasets.DatasetDict) else "none"
-        raise WorldError(f"prompt data set '{name}' needs '{train_split}' and '{test_split}' splits (it has: {splits}) "
-                         f"-- save a DatasetDict with both, or pick them with --train_split/--test_split")
-    out = []
-    for split in (train_split, test_split):
-        if column not in ds[split].column_names:
-            raise WorldError(f"prompt data set '{name}' has no column '{column}' in split '{split}' "
-                             f"(columns: {', '.join(ds[split].column_names)}) -- pass --prompt_column")
-        texts = ds[split][column]
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise WorldError(f"split '{split}' of '{name}' must hold a non-empty column of strings in '{column}' "
-                             f"-- pick a text column with --prompt_column")
-        out.append([FORMATS[fmt](t) for t in texts])
-    return out

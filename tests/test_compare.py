@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import compare
-import train
+import options
 
 MICRO = ["--labels", "16", "--batch_size", "8", "--eval_every", "8", "--eval_prompts", "4", "--eval_samples", "1",
          "--max_new_tokens", "10"]
@@ -69,7 +69,7 @@ def test_a_failing_run_is_contained(tiny_world, tmp_path, capsys):
 def fake_run(out, sampler, seed, J, labels=(0, 16, 32), budget=32, **config):
     d = os.path.join(out, f"{sampler}-s{seed}")
     os.makedirs(d)
-    cfg = dict(vars(train.get_args(["--overwrite"])), sampler=sampler, seed=seed, mode="online", labels=budget, batch_size=8,
+    cfg = dict(vars(options.get_args(["--overwrite"])), sampler=sampler, seed=seed, mode="online", labels=budget, batch_size=8,
                iterations=4, epochs=2, lr=1e-3, max_new_tokens=10, **config)   # train.py's defaults for the rest
     k = dict(vanilla=1.0, hybrid=0.5, pilaf=1.5)[sampler]          # KL grows by k per evaluation
     metrics = [dict(labels=n, J=j, kl=k * i, reward=j + 0.1 * k * i, fwd_per_pair=3.0 if sampler == "pilaf" else 2.0,
@@ -258,3 +258,22 @@ def test_a_beta_grid_does_not_name_one_beta(tmp_path):
     assert "Final J = reward − β·KL" in text and "| 0.2 | 1 |" in text
     compare.main(["--samplers", "vanilla", "--seeds", "0", "--grid", "beta=0.2", "--out", out, "--only_report"])
     assert "Final J = reward − 0.2·KL" in open(os.path.join(out, "results.md")).read()
+
+def test_a_new_train_option_is_counted_in_the_fairness_check(tmp_path, monkeypatch, capsys):
+    """compare.py takes its budget keys from train.py's parser: an option added there is compared
+    between finished runs without being listed anywhere else."""
+    parser = options.parser
+    def with_knob():
+        p = parser()
+        p.add_argument("--knob", type=float, default=1.0, help="a fork's new option")
+        return p
+    monkeypatch.setattr(options, "parser", with_knob)
+    assert "knob" in compare.budget_keys() and "out" not in compare.budget_keys()
+    out = str(tmp_path / "cmp")
+    fake_run(out, "vanilla", 0, [0.0, 0.2, 0.4])
+    fake_run(out, "vanilla", 1, [0.0, 0.2, 0.4], knob=2.0)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--samplers", "vanilla", "--seeds", "0", "1", "--out", out, "--only_report"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "mismatched budgets" in err and "knob=2.0" in err, err

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
+import load
 import world
 from oracle import Oracle
 
@@ -18,7 +19,7 @@ def standin_reward_model(tmp_path, with_pad):
                                                      n_embd=16, num_labels=1, pad_token_id=tok.pad_token_id))
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    return world.load_oracle(str(tmp_path))
+    return load.load_oracle(str(tmp_path))
 
 PROMPTS = ["customer : my lamp arrived broken . agent :", "customer : hi . agent :", "customer : my lamp . agent :"]
 REPLIES = ["sorry about that .", "sorry about that . sorry about that . we will", "."]
@@ -40,10 +41,10 @@ def test_a_classifier_with_two_labels_is_refused(tmp_path):
                                              num_labels=2, pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     with pytest.raises(world.WorldError, match="num_labels=1"):
-        world.load_oracle(str(tmp_path))
+        load.load_oracle(str(tmp_path))
 
-def fixed_oracle(scores_a, scores_b):
-    o = Oracle(None, None)
+def fixed_oracle(scores_a, scores_b, how="bt"):
+    o = Oracle(None, None, how=how)
     calls = iter([torch.tensor(scores_a), torch.tensor(scores_b)])
     o.score = lambda prompts, responses: next(calls)
     return o
@@ -51,14 +52,15 @@ def fixed_oracle(scores_a, scores_b):
 def test_bradley_terry_labels_are_sigmoid_of_the_score_gap():
     n, gap = 20000, 1.2
     o = fixed_oracle([gap] * n, [0.0] * n)
-    a_wins, _, _ = o.label(["p"] * n, ["a"] * n, ["b"] * n, "bt", torch.Generator().manual_seed(0))
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    a_wins = torch.tensor([l.a_wins for l in o.label(["p"] * n, ["a"] * n, ["b"] * n, u)])
     p = 1 / (1 + math.exp(-gap))                                  # 0.7685
     assert abs(a_wins.float().mean().item() - p) < 4 * math.sqrt(p * (1 - p) / n)
     assert o.labels == n and o.judged == 2 * n                   # every label counted
 
 def test_argmax_labels_prefer_the_higher_score():
-    o = fixed_oracle([0.1, 2.0, -1.0], [0.0, 3.0, -2.0])
-    a_wins, sa, sb = o.label(["p"] * 3, ["a"] * 3, ["b"] * 3, "argmax")
+    o = fixed_oracle([0.1, 2.0, -1.0], [0.0, 3.0, -2.0], how="argmax")
+    a_wins = torch.tensor([l.a_wins for l in o.label(["p"] * 3, ["a"] * 3, ["b"] * 3, torch.zeros(3))])
     assert a_wins.tolist() == [True, False, True] and o.labels == 3
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}")   # a minimal chat template

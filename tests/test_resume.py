@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import oracle
 import train
 from test_train import MICRO, bad, read_jsonl, world_args
 
@@ -102,8 +103,8 @@ def test_from_pairs_trains_on_the_saved_labels_without_the_oracle(tiny_world, mo
     bought them ended (up to the order of a sum: minibatches are reshuffled), and no label is bought."""
     first, again = str(tmp_path / "first"), str(tmp_path / "again")
     train.main(["--out", first] + MICRO + world_args(tiny_world))
-    label = train.Oracle.label
-    monkeypatch.setattr(train.Oracle, "label", lambda *a, **k: pytest.fail("the oracle was asked for a label"))
+    label = oracle.Oracle.label
+    monkeypatch.setattr(oracle.Oracle, "label", lambda *a, **k: pytest.fail("the oracle was asked for a label"))
     train.main(["--out", again, "--from_pairs", os.path.join(first, "pairs.jsonl")] + MICRO + world_args(tiny_world))
     keys = ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_score", "chosen_src")
     p1, p2 = (read_jsonl(os.path.join(d, "pairs.jsonl")) for d in (first, again))
@@ -114,7 +115,7 @@ def test_from_pairs_trains_on_the_saved_labels_without_the_oracle(tiny_world, mo
     w1, w2 = weights(first), weights(again)
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
     assert m2[-1]["fwd_per_pair"] == 0                    # nothing was sampled for training
-    monkeypatch.setattr(train.Oracle, "label", label)
+    monkeypatch.setattr(oracle.Oracle, "label", label)
     beta = str(tmp_path / "beta")                          # another beta on the same labels: another policy
     train.main(["--out", beta, "--beta", "1", "--from_pairs", os.path.join(first, "pairs.jsonl")] + MICRO + world_args(tiny_world))
     assert max((w1[k] - weights(beta)[k]).abs().max().item() for k in w1) > 1e-4

@@ -7,6 +7,8 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
+import load
+import options
 import train
 import world
 
@@ -120,7 +122,7 @@ def test_hub_style_models_and_hh_prompts(tiny_world, tmp_path):
     """The real-model path on local stand-ins: a policy tokenizer without a pad token (like GPT-2's),
     an oracle with its own tokenizer and no pad token, HH-RLHF-style dialogues as prompts."""
     from test_oracle import standin_reward_model
-    policy, tok = world.load_policy(os.path.join(tiny_world, "policy"))
+    policy, tok = load.load_policy(os.path.join(tiny_world, "policy"))
     tok.pad_token = None
     policy.save_pretrained(tmp_path / "gpt2-like")
     tok.save_pretrained(tmp_path / "gpt2-like")
@@ -142,7 +144,7 @@ def test_prompts_too_long_for_the_context_are_left_out(tiny_world, tmp_path, cap
     train.main(argv)
     assert "note: leaving out" in capsys.readouterr().out
     prompts = {p["prompt"] for p in read_jsonl(str(tmp_path / "run" / "pairs.jsonl"))}
-    _, tok = world.load_policy(os.path.join(tiny_world, "policy"))
+    _, tok = load.load_policy(os.path.join(tiny_world, "policy"))
     assert prompts and max(len(tok(p)["input_ids"]) for p in prompts) <= 12
 
 def test_init_from_another_vocabulary_fails_in_one_line(tiny_world, capsys, tmp_path):
@@ -199,12 +201,12 @@ def test_a_response_ends_at_any_eos_id_of_the_generation_config(tiny_world, tmp_
     """Llama-3 lists several EOS ids in generation_config.json; every one ends a response, in sampling
     and in evaluation. Stand-in: the tiny world's policy with '.' (frequent in its replies) as a second EOS."""
     from transformers import AutoModelForCausalLM
-    policy, tok = world.load_policy(os.path.join(tiny_world, "policy"))
+    policy, tok = load.load_policy(os.path.join(tiny_world, "policy"))
     dot = tok.convert_tokens_to_ids(".")
     policy.generation_config.eos_token_id = [tok.eos_token_id, dot]
     policy.save_pretrained(tmp_path / "llama-like")
     tok.save_pretrained(tmp_path / "llama-like")
-    assert world.eos_ids(AutoModelForCausalLM.from_pretrained(tmp_path / "llama-like"), tok) == sorted([tok.eos_token_id, dot])
+    assert load.eos_ids(AutoModelForCausalLM.from_pretrained(tmp_path / "llama-like"), tok) == sorted([tok.eos_token_id, dot])
     w = world_args(tiny_world)
     w[1] = str(tmp_path / "llama-like")
     out = str(tmp_path / "run")
@@ -256,13 +258,12 @@ def test_evaluate_standard_errors_hand_computed(tiny_world):
     """An oracle that scores response i as i: the reward's mean and standard error are those of
     0..N-1 (mean (N-1)/2, sd sqrt(N(N+1)/12), se sd/sqrt(N)); the policy is the reference, so both KL
     estimates and their errors are 0 and J's error is the reward's."""
-    policy, tok = world.load_policy(os.path.join(tiny_world, "policy"))
+    policy, tok = load.load_policy(os.path.join(tiny_world, "policy"))
     class Counting:
         def score(self, prompts, responses):
             return torch.arange(len(prompts), dtype=torch.float32)
     prompts = ["hello there", "my order is late", "reset my password"]
-    args = train.get_args(["--eval_samples", "4", "--max_new_tokens", "5", "--out", "unused"])
-    m = train.evaluate(policy, policy, tok, Counting(), prompts, args)
+    m = train.evaluate(policy, policy, tok, Counting(), prompts, beta=0.1, samples=4, max_new_tokens=5)
     N = 12
     assert m["reward"] == pytest.approx((N - 1) / 2) and m["reward_se"] == pytest.approx(math.sqrt(N * (N + 1) / 12) / math.sqrt(N))
     assert m["kl"] == m["kl_sampled"] == m["kl_se"] == 0 and m["J_se"] == pytest.approx(m["reward_se"])

@@ -6,6 +6,7 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
+import load
 import world
 from conftest import TINY_WORLD
 
@@ -33,9 +34,9 @@ def test_reference_replies_score_well_below_the_best():
     assert sum(rs) / len(rs) < 0.5 and max(rs) == 4.0
 
 def test_tiny_world_loads_like_hub_models(tiny_world):
-    policy, tok = world.load_policy(os.path.join(tiny_world, "policy"))
-    rm, rm_tok = world.load_oracle(os.path.join(tiny_world, "oracle"))
-    train, test = world.load_prompts(os.path.join(tiny_world, "prompts"))
+    policy, tok = load.load_policy(os.path.join(tiny_world, "policy"))
+    rm, rm_tok = load.load_oracle(os.path.join(tiny_world, "oracle"))
+    train, test = load.load_prompts(os.path.join(tiny_world, "prompts"))
     assert type(policy).__name__ == "GPT2LMHeadModel" and tok.padding_side == "left"
     assert type(rm).__name__ == "GPT2ForSequenceClassification" and rm_tok.padding_side == "right"
     assert rm_tok.get_vocab() != tok.get_vocab()            # the oracle reads text with its own tokenizer
@@ -45,7 +46,7 @@ def test_tiny_world_loads_like_hub_models(tiny_world):
 def test_build_is_deterministic(tiny_world, tmp_path):
     world.build(str(tmp_path), TINY_WORLD)
     for part in ("policy", "oracle"):
-        a = world.load_policy if part == "policy" else world.load_oracle
+        a = load.load_policy if part == "policy" else load.load_oracle
         m1, _ = a(os.path.join(tiny_world, part))
         m2, _ = a(str(tmp_path / part))
         for (k, v), (_, w) in zip(m1.state_dict().items(), m2.state_dict().items()):
@@ -61,10 +62,10 @@ def test_ensure_uses_the_cache_and_rebuilds_when_settings_change(tiny_world, mon
     assert built == [dict(TINY_WORLD, seed=1)]
 
 def test_vocabulary_mismatch_fails_clearly(tiny_world, tmp_path):
-    _, tok = world.load_policy(os.path.join(tiny_world, "policy"))
+    _, tok = load.load_policy(os.path.join(tiny_world, "policy"))
     other = world._word_tokenizer(["a", "b"])
     with pytest.raises(world.WorldError, match="same vocabulary"):
-        world.check_vocab(other, tok)
+        load.check_vocab(other, tok)
 
 def test_a_folder_that_is_not_a_world_is_never_replaced(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
@@ -74,9 +75,9 @@ def test_a_folder_that_is_not_a_world_is_never_replaced(tmp_path):
 
 def test_missing_folder_and_offline_hub_name_fail_clearly(tmp_path):
     with pytest.raises(world.WorldError, match="no config.json"):
-        world.check_name("policy", str(tmp_path / "nope"))
+        load.check_name("policy", str(tmp_path / "nope"))
     with pytest.raises(world.WorldError, match="cannot load policy 'no-such-org/no-such-model'"):
-        world.check_name("policy", "no-such-org/no-such-model")
+        load.check_name("policy", "no-such-org/no-such-model")
 
 def save_prompts(path, **splits):
     DatasetDict({k: Dataset.from_dict(v) for k, v in splits.items()}).save_to_disk(str(path))
@@ -85,22 +86,22 @@ def save_prompts(path, **splits):
 def test_prompt_formats_hh_and_imdb(tmp_path):
     hh = "\n\nHuman: my lamp broke\n\nAssistant: sorry!\n\nHuman: and now?\n\nAssistant: we will fix it"
     d = save_prompts(tmp_path / "hh", train={"chosen": [hh]}, test={"chosen": [hh]})
-    train, _ = world.load_prompts(d, "chosen", "hh")
+    train, _ = load.load_prompts(d, "chosen", "hh")
     assert train == ["\n\nHuman: my lamp broke\n\nAssistant: sorry!\n\nHuman: and now?\n\nAssistant:"]
     d = save_prompts(tmp_path / "imdb", train={"text": ["What a<br />film , truly one of the best I have seen"]},
                      test={"text": ["Bad."]})
-    train, test = world.load_prompts(d, "text", "imdb")
+    train, test = load.load_prompts(d, "text", "imdb")
     assert train == ["What a film , truly one of the"]   # the first 8 words and test == ["Bad."]
 
 def test_prompt_data_set_errors_name_the_fix(tmp_path):
     d = save_prompts(tmp_path / "hh", train={"chosen": ["no turns here"]}, test={"chosen": ["b"]})
     with pytest.raises(world.WorldError, match="--prompt_format raw"):
-        world.load_prompts(d, "chosen", "hh")
+        load.load_prompts(d, "chosen", "hh")
     d = save_prompts(tmp_path / "ints", train={"text": [1, 2]}, test={"text": ["b"]})
     with pytest.raises(world.WorldError, match="non-empty column of strings"):
-        world.load_prompts(d, "text")
+        load.load_prompts(d, "text")
     d = save_prompts(tmp_path / "p", train={"text": ["a"]}, test={"text": ["b"]})
     with pytest.raises(world.WorldError, match="no column 'prompt'.*--prompt_column"):
-        world.load_prompts(d)
+        load.load_prompts(d)
     with pytest.raises(world.WorldError, match="'valid' splits"):
-        world.load_prompts(d, "text", test_split="valid")
+        load.load_prompts(d, "text", test_split="valid")

@@ -1,0 +1,139 @@
+"""
+train.py's command line and its checks: every option with its default and a line of help, and the
+checks that turn bad input into one line naming the fix (exit 2, like argparse) before the world is
+built, any weights load or anything is written. compare.py reads the same parser.
+
+A sampler's own options (best_of_n's --n) sit in the "sampler options" group: a sampler takes them
+as keyword parameters of the same names (pilaf.options), and train.py passes each sampler its own.
+"""
+import argparse
+import json
+import os
+
+import torch
+
+import ddp
+import load
+import pilaf
+import world
+from ddp import die
+from dpo import LOSSES
+
+def parser():
+    p = argparse.ArgumentParser(description="Online / iterative DPO with PILAF and baseline pair samplers.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = die   # one line instead of usage + error
+    g = p.add_argument_group("algorithm")
+    g.add_argument("--sampler", default="pilaf", choices=list(pilaf.SAMPLERS), help="how pairs are drawn (pilaf.py)")
+    g.add_argument("--mode", default="online", choices=["online", "iterative"], help="fresh pairs every step, or K collect-then-train rounds")
+    g.add_argument("--beta", type=float, default=0.1, help="DPO beta; also PILAF's interpolation weight and the KL weight in J")
+    g.add_argument("--xpo_alpha", type=float, default=0.0, help="hybrid: XPO exploration term alpha*log pi(y_ref) added to the loss (0 = plain DPO)")
+    g.add_argument("--loss", default="dpo", choices=LOSSES, help="dpo: -log sigmoid(beta*D); ipo: (D - 1/(2 beta))^2; hinge: max(0, 1 - beta*D), D the log-ratio margin")
+    g.add_argument("--reference", default="initial", choices=["initial", "behavior"], help="what the loss anchors to: the initial model, or (BPO) the policy that sampled the round's pairs; KL and J always use the initial model")
+    g.add_argument("--label", default="bt", choices=["bt", "argmax"], help="oracle labels: Bradley-Terry draw, or always the higher score")
+    g = p.add_argument_group("sampler options (each for the samplers that take it)")
+    g.add_argument("--n", type=int, default=8, help="best_of_n: candidates per prompt")
+    g = p.add_argument_group("budget")
+    g.add_argument("--labels", type=int, default=4096, help="preference labels in total (the annotation budget)")
+    g.add_argument("--batch_size", type=int, default=32, help="pairs per DPO step (online: also per round)")
+    g.add_argument("--iterations", type=int, default=4, help="iterative: collect-then-train rounds")
+    g.add_argument("--epochs", type=int, default=2, help="iterative: passes over each round's pairs")
+    g.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
+    g.add_argument("--max_new_tokens", type=int, default=32, help="longest response")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    g = p.add_argument_group("models and data (default: the embedded world, built offline on first use)")
+    g.add_argument("--world", default=world.DEFAULT_DIR, help="where the embedded world is cached")
+    g.add_argument("--policy", default=None, help="reference / initial policy: causal LM name or folder")
+    g.add_argument("--init_from", default=None, help="start the policy from this checkpoint instead (reference stays --policy)")
+    g.add_argument("--oracle", default=None, help="reward model (sequence classifier) name or folder; 'human': you label the pairs in this terminal")
+    g.add_argument("--judge", default=None, help="with --oracle human: the reward model that scores the evaluations and your agreement with it (default: the embedded world's oracle)")
+    g.add_argument("--oracle_format", default="auto", choices=["auto", "chat", "plain"], help="what the oracle reads: its chat template applied to [user: prompt, assistant: response], or prompt + ' ' + response; auto = chat when its tokenizer has a template")
+    g.add_argument("--prompts", default=None, help="prompt data set: name or a saved DatasetDict folder")
+    g.add_argument("--prompt_column", default="prompt", help="column holding the prompt text")
+    g.add_argument("--prompt_format", default="raw", choices=list(load.FORMATS), help="hh: cut HH-RLHF dialogues at the last assistant turn; imdb: first words of a review")
+    g.add_argument("--train_split", default="train", help="split the training prompts come from")
+    g.add_argument("--test_split", default="test", help="held-out split for evaluation")
+    g.add_argument("--from_pairs", default=None, help="train on the labelled pairs of this pairs.jsonl, in their order, instead of sampling and labelling new ones")
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--eval_every", type=int, default=512, help="evaluate after every this many labels (and at start and end)")
+    g.add_argument("--eval_prompts", type=int, default=64, help="held-out prompts per evaluation (at most the split's size)")
+    g.add_argument("--eval_samples", type=int, default=8, help="policy samples per held-out prompt")
+    g.add_argument("--save_every", type=int, default=512, help="checkpoint after every this many labels (and at start and end)")
+    g.add_argument("--out", default=None, help="run folder (default out/<sampler>-<mode>-s<seed>)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    g.add_argument("--resume", default=None, metavar="RUN", help="continue the run in this folder from its last checkpoint, with its saved options")
+    g.add_argument("--seed", type=int, default=0, help="seeds prompts, sampling, labels and init")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights")
+    return p
+
+def typed(argv):
+    """The options actually typed in argv (no defaults), as a dict."""
+    given = parser()
+    for a in given._actions:
+        a.default = argparse.SUPPRESS
+    return vars(given.parse_args(argv))
+
+def get_args(argv=None):
+    """The run's options: parsed and checked, or with --resume RUN the options saved in RUN/config.json."""
+    args = parser().parse_args(argv)
+    if args.resume:
+        return resume_args(argv, args.resume)
+    check(args)
+    args.out = args.out or os.path.join("out", f"{args.sampler}-{args.mode}-s{args.seed}")
+    if os.path.exists(os.path.join(args.out, "pairs.jsonl")) and not args.overwrite:
+        die(f"{args.out} already holds a run (its labels would be lost) -- pass --resume {args.out} to continue it, "
+            f"another --out, or --overwrite")
+    return args
+
+def check(args):
+    """Every check that needs no file opened."""
+    for name in ["labels", "batch_size", "iterations", "epochs", "max_new_tokens", "n", "eval_every", "eval_prompts",
+                 "eval_samples", "save_every"]:
+        if getattr(args, name) <= 0:
+            die(f"--{name} must be positive (got {getattr(args, name)})")
+    if args.beta <= 0:
+        die(f"--beta must be > 0 (got {args.beta}); the paper uses 0.1")
+    if args.lr <= 0 or args.temperature < 0 or args.xpo_alpha < 0:
+        die("--lr must be > 0, --temperature and --xpo_alpha >= 0")
+    if args.n < 2:
+        die("--n must be at least 2: best_of_n labels its best and worst of n candidates")
+    if args.mode == "online" and args.labels % args.batch_size:
+        die(f"--labels ({args.labels}) must be a multiple of --batch_size ({args.batch_size}) in online mode")
+    if args.mode == "iterative" and args.labels % args.iterations:
+        die(f"--labels ({args.labels}) must be a multiple of --iterations ({args.iterations})")
+    if args.device.startswith("cuda") and not torch.cuda.is_available() or args.device.split(":")[0] not in ("cpu", "cuda"):
+        die(f"--device {args.device} is not available here -- use --device cpu")
+    if args.xpo_alpha and args.sampler != "hybrid":
+        die("--xpo_alpha applies to --sampler hybrid only")
+    procs, per_round = ddp.procs(), args.batch_size if args.mode == "online" else args.labels // args.iterations
+    if args.batch_size % procs or per_round % procs:
+        die(f"--batch_size ({args.batch_size}) and the pairs per round ({per_round}) must split evenly across the "
+            f"{procs} processes -- pick a --batch_size and --labels that are multiples of {procs}")
+    if args.from_pairs and args.reference == "behavior":
+        die("--reference behavior anchors to the policy that sampled the pairs, which --from_pairs does not have "
+            "-- use --reference initial")
+    if args.judge and args.oracle != "human":
+        die("--judge scores the evaluations when a person labels (--oracle human); otherwise --oracle does -- leave out --judge")
+    if args.oracle == "human" and (procs > 1 or args.from_pairs):
+        die("--oracle human labels in one terminal: run it with plain python train.py, without --from_pairs")
+    if args.from_pairs and not os.path.isfile(args.from_pairs):
+        die(f"--from_pairs {args.from_pairs}: no such file -- pass the pairs.jsonl of a run")
+
+def resume_args(argv, run):
+    """The saved options of the run in folder `run`; options given again must agree with them."""
+    if not os.path.isfile(os.path.join(run, "config.json")):
+        die(f"--resume {run}: no config.json there -- pass the --out folder of a run")
+    if os.path.exists(os.path.join(run, "summary.json")):
+        die(f"--resume {run}: that run has finished (summary.json) -- start a new one with another --out")
+    if not os.path.exists(os.path.join(run, "checkpoint.json")):
+        die(f"--resume {run}: no checkpoint yet (it was stopped while starting) -- run it again with --overwrite")
+    with open(os.path.join(run, "config.json")) as f:
+        saved = json.load(f)
+    given = typed(argv)
+    given.pop("resume")
+    for k, v in given.items():
+        if saved.get(k) != v and not (k == "out" and os.path.abspath(v) == os.path.abspath(run)):
+            die(f"--resume continues with the run's saved options: --{k} {v} contradicts its {k}={saved.get(k)!r} "
+                f"-- leave --{k} out, or start a new run (--from_pairs {run}/pairs.jsonl reuses its labels)")
+    return argparse.Namespace(**dict(saved, out=run, resume=run))

@@ -1,0 +1,52 @@
+"""A fork that adds a sampler with one option of its own touches pilaf.py and options.py, nothing else:
+done here in a copy of the repository, then trained with end to end."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from test_train import MICRO, world_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SAMPLER = '''
+
+def two_temps(policy, ref, prompt_ids, prompt_mask, beta, gen, hot=2.0):
+    """A fork's sampler: one response at the run's temperature, the other at `hot`."""
+    B = prompt_ids.shape[0]
+    a = generate([policy], [1.0], prompt_ids, prompt_mask, **gen)
+    b = generate([policy], [1.0], prompt_ids, prompt_mask, **dict(gen, temperature=hot))
+    return dict(a=a[0], a_mask=a[1], a_logps=a[2], b=b[0], b_mask=b[1], b_logps=b[2],
+                src=[("pi", f"pi@T{hot}")] * B, forwards=2 * B, score_forwards=0)
+
+SAMPLERS["two_temps"] = two_temps
+'''
+OPTION = '''    g.add_argument("--hot", type=float, default=2.0, help="two_temps: the second response's temperature")
+'''
+
+def test_a_new_sampler_with_its_own_option_touches_two_files(tiny_world, tmp_path):
+    fork = tmp_path / "fork"
+    shutil.copytree(ROOT, fork, ignore=shutil.ignore_patterns(".git", ".venv", "tests", "notebooks", "out", "results",
+                                                              "__pycache__"))
+    with open(fork / "pilaf.py", "a") as f:
+        f.write(SAMPLER)
+    opts = (fork / "options.py").read_text()
+    anchor = 'g.add_argument("--n", '
+    assert anchor in opts
+    at = opts.index("\n", opts.index(anchor)) + 1          # the line after --n, in the sampler-options group
+    (fork / "options.py").write_text(opts[:at] + OPTION + opts[at:])
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = str(tmp_path / "run")
+    p = subprocess.run([sys.executable, str(fork / "train.py"), "--sampler", "two_temps", "--hot", "3", "--out", out]
+                       + MICRO + world_args(tiny_world), cwd=fork, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    with open(os.path.join(out, "pairs.jsonl")) as f:
+        pairs = [json.loads(line) for line in f]
+    srcs = {s for q in pairs for s in (q["chosen_src"], q["rejected_src"])}
+    assert len(pairs) == 32 and srcs == {"pi", "pi@T3.0"}             # the sampler ran, with the option's value
+    # compare.py's fairness check counts the new option without being told
+    p = subprocess.run([sys.executable, "-c", "import compare; print('hot' in compare.budget_keys())"], cwd=fork,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.stdout.strip() == "True", p.stderr[-2000:]
