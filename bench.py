@@ -302,6 +302,10 @@ def main(argv=None):
         return dpo_child(args)
     print(f"bench.py | {hardware(args.device)} | torch {torch.__version__} | medians of interleaved repetitions "
           f"({args.reps}; 2 for the slow GPT-2 cases)")
+    busy = os.getloadavg()[0]                 # processes running or waiting, over the last minute
+    if args.device == "cpu" and busy > (os.cpu_count() or 1) - torch.get_num_threads() + 0.75:   # another busy process
+        print(f"warning: the machine is busy (load {busy:.1f} on {os.cpu_count()} cores, and this bench runs "
+              f"{torch.get_num_threads()} threads): ratios measured now mean little; run it on an idle machine")
     print(f"{'size':6} {'comparison':78} {'ours':>14} {'against':>14} {'ratio':>7}  target")
     for size in (SIZES if args.size == "all" else [args.size]):
         for bench in (bench_sampling, bench_dpo):

@@ -27,11 +27,17 @@ Each function here is one call in train.py; under torchrun rank 0 alone writes.
 """
 import contextlib
 import dataclasses
+import errno
+import fcntl
+import hashlib
+import io
 import json
 import math
 import os
+import pickle
 import random
 import shutil
+import signal
 import sys
 import time
 from functools import partial
@@ -41,9 +47,10 @@ from tqdm import tqdm
 
 import ddp
 import pairs as P
-from oracle import Stop
-from world import WorldError
 from ddp import die
+from oracle import Stop
+from sample import NotFinite
+from world import WorldError
 
 POINTER = "checkpoint.json"
 
@@ -86,6 +93,114 @@ def write_lines(path, lines):
     write_text(path, "".join(lines))
 
 # -----------------------------------------------------------------------------
+# the folder's life: one writer, checked under its lock, and every way of stopping in one line
+
+LOCK = "run.lock"   # held (flock) by the process writing the folder; it names that process
+
+class Stopped(Exception):
+    """The run was asked to stop (Ctrl-C, SIGTERM) or cannot go on (a full disk, a policy gone
+    non-finite): it ends like a kill, with one line."""
+    def __init__(self, why, code):
+        super().__init__(why)
+        self.why, self.code = why, code
+
+def _terminated(signum, frame):
+    raise Stopped("SIGTERM", 128 + signum)
+
+@contextlib.contextmanager
+def claim(args):
+    """The run folder, held by this process for its whole life: an exclusive OS lock on <out>/run.lock
+    (rank 0's, under torchrun), which the kernel frees when the process ends, SIGKILL included, so a
+    killed run leaves no stale lock. A second train.py on a held folder exits 2 at once, naming the
+    process that holds it, and what the folder holds is checked under the lock. Whatever stops the
+    run from inside (Ctrl-C, SIGTERM, a labeller that stops, a full disk, a policy gone non-finite)
+    ends it like a kill, with one line: the labels on disk and the command that continues it."""
+    out, fd = args.out, None
+    created = not os.path.exists(out)
+    if ddp.rank == 0:
+        os.makedirs(out, exist_ok=True)
+        fd = os.open(os.path.join(out, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            die(f"{out} is being written by {holder} -- wait for it to end, or stop it and continue with --resume {out}")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(), 0)
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        check_folder(args)
+        yield
+    except (Stop, Stopped, KeyboardInterrupt, NotFinite, OSError) as e:
+        stopped(args, e)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if fd is not None:
+            if created and set(os.listdir(out)) <= {LOCK}:     # stopped before anything was written: no trace
+                os.remove(os.path.join(out, LOCK))
+                os.rmdir(out)
+            os.close(fd)
+
+def held_by(out):
+    """Who is writing the run folder `out` now (its lock's holder, as it named itself), or None."""
+    path = os.path.join(out, LOCK)
+    if not os.path.exists(path):
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)
+
+def check_folder(args):
+    """What the folder holds must be what the command expects: a fresh run needs a folder with no
+    labels in it (or --overwrite); --resume, an unfinished run with a checkpoint."""
+    out = args.out
+    finished, has = os.path.exists(os.path.join(out, "summary.json")), len(P.read_lines(os.path.join(out, "pairs.jsonl")))
+    if args.resume:
+        if finished:
+            die(f"--resume {out}: that run has finished (summary.json) -- its results are in {out}; start a new one "
+                f"with another --out")
+        if not os.path.exists(os.path.join(out, POINTER)):
+            die(f"--resume {out}: no checkpoint yet: it was stopped while starting, before it bought any label "
+                f"-- run its command again, without --resume" if not has else
+                f"--resume {out}: it holds {has} labels but no checkpoint.json -- train on them with "
+                f"--from_pairs {out}/pairs.jsonl and another --out")
+    elif not args.overwrite and finished:
+        die(f"{out} holds a finished run (summary.json) -- pass another --out, or --overwrite to replace it")
+    elif not args.overwrite and has:
+        die(f"{out} already holds a run ({has} labels would be lost) -- pass --resume {out} to continue it, "
+            f"another --out, or --overwrite")
+
+def stopped(args, e):
+    """One line for a run that stops before its end, and its exit code. Everything it bought is on
+    disk (pairs are flushed as they are labelled), and --resume continues from the last checkpoint."""
+    if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        raise e
+    ck = latest(args.out) if os.path.exists(os.path.join(args.out, POINTER)) else None
+    n = len(P.read_lines(os.path.join(args.out, "pairs.jsonl")))
+    again = (f"torchrun --nproc_per_node {ddp.nproc} " if ddp.on else "python ") + f"train.py --resume {args.out}"
+    where = (f"{n} labels on disk in {args.out}/pairs.jsonl, the last checkpoint at {ck['labels']}" if ck else
+             "before the first checkpoint, with no label bought")
+    then = f"continue with {again}" if ck else "run the same command again"
+    if isinstance(e, OSError):
+        ddp.leave(f"train.py: stopped: the disk holding {os.path.abspath(args.out)} is full ({e.strerror}; {where}) "
+                  f"-- free some space, then {then}", 1)
+    if isinstance(e, NotFinite):
+        ddp.leave(f"train.py: stopped: {e} ({where}; no checkpoint holds non-finite weights) -- lower --lr, or start "
+                  f"again with another --seed", 1)
+    why, code = ("Ctrl-C", 130) if isinstance(e, KeyboardInterrupt) else (e.why, e.code)
+    line = f"stopped{f' ({why})' if why else ''}: {where} -- {then}"
+    if isinstance(e, Stop):          # a person's q or the end of their input: said on the screen they read
+        print("\n" + line)
+        sys.exit(code)
+    ddp.leave("\ntrain.py: " + line, code)
+
+# -----------------------------------------------------------------------------
 # a run: started fresh, or resumed from its last checkpoint
 
 def start(args, w, ck=None):
@@ -126,13 +241,20 @@ def start(args, w, ck=None):
         torch.set_rng_state(rngs["torch"])
         run.g_sample.set_state(rngs["sample"][ddp.rank])
         run.g_label.set_state(rngs["label"][ddp.rank])
-        # metrics after the checkpoint are made again, identically; pairs after it are reused as they are
-        lines = P.read_lines(pairs_path)
-        if len(lines) < ck["labels"]:
-            die(f"--resume {args.out}: pairs.jsonl holds {len(lines)} pairs, fewer than its checkpoint's {ck['labels']} "
-                f"-- the folder was changed by hand; start again with --overwrite")
+        # metrics after the checkpoint are made again, identically; pairs after it are reused as they are.
+        # Both files must hold what the checkpoint accounts for, the pairs unchanged (their hash)
+        lines, metrics = P.read_lines(pairs_path), P.read_lines(metrics_path)
+        damaged = (f"pairs.jsonl holds {len(lines)} pairs, fewer than its checkpoint's {ck['labels']}"
+                   if len(lines) < ck["labels"] else
+                   f"metrics.jsonl holds {len(metrics)} evaluations, fewer than its checkpoint's {ck['metrics']}"
+                   if len(metrics) < ck["metrics"] else
+                   f"the first {ck['labels']} lines of pairs.jsonl are not the ones its checkpoint counted"
+                   if ck.get("pairs_sha256") not in (None, lines_hash(pairs_path, ck["labels"])) else None)
+        if damaged:
+            die(f"--resume {args.out}: {damaged} -- the folder was changed since; train on its labels with "
+                f"--from_pairs {pairs_path} and another --out")
         if ddp.rank == 0:
-            write_lines(metrics_path, P.read_lines(metrics_path)[:ck["metrics"]])
+            write_lines(metrics_path, metrics[:ck["metrics"]])
             write_lines(pairs_path, lines)   # without a torn last line, if the kill left one
         try:
             run.disk = P.read(pairs_path, w.policy.config.vocab_size)
@@ -160,10 +282,14 @@ def on_disk(run, first, texts, a, b):
     """The pairs of this share of a batch (its first at the run's index `first`) that a resumed run
     bought before it was killed: taken from pairs.jsonl, never labelled again. The sampler replayed
     them; where its samples differ from the saved ones (sampling is not bit-exact on a GPU) the saved
-    pairs are used as they are, with a note. Empty in a run never stopped."""
+    pairs are used as they are, with a note; a saved pair of another prompt means a damaged file,
+    and exits 2. Empty in a run never stopped."""
     saved = run.disk[first:first + len(texts)]
     for j, d in enumerate(saved):
-        if d.prompt != texts[j] or sorted([d.chosen_ids, d.rejected_ids]) != sorted([a[j].ids, b[j].ids]):
+        if d.prompt != texts[j]:      # the prompts are drawn by Python's RNG, exactly the same on any machine
+            die(f"--resume {run.out}: pairs.jsonl line {first + j + 1} is not the pair this run drew there (another "
+                f"prompt) -- a line was removed or edited; train on its labels with --from_pairs and another --out")
+        if sorted([d.chosen_ids, d.rejected_ids]) != sorted([a[j].ids, b[j].ids]):
             if not run.diverged and ddp.rank == 0:
                 print(f"note: the replayed samples differ from {run.out}/pairs.jsonl at label {first + j} "
                       f"(sampling is not bit-reproducible here); its saved labels are used as they are")
@@ -238,11 +364,16 @@ def log(run, m):
                    f"{m['agree']:.0%} of your answers")
 
 def save(run, w):
-    """A checkpoint: everything the next round depends on."""
+    """A checkpoint: everything the next round depends on, and a hash of the pairs.jsonl lines it
+    accounts for, so that a resume can tell a damaged file. A policy whose weights are not finite is
+    never saved: the last good checkpoint stays the latest."""
+    if not torch.isfinite(torch.nn.utils.get_total_norm(list(w.policy.parameters()))):
+        raise NotFinite("the policy's weights are not finite (or overflow) after the last DPO step")
     state = dict(dataclasses.asdict(run), time=time.time() - run.t0, python_rng=run.rng.getstate(), nproc=ddp.nproc)
     gens = ddp.everyone((run.g_sample.get_state(), run.g_label.get_state()))       # one pair per rank
     if ddp.rank:
         return
+    state["pairs_sha256"] = lines_hash(os.path.join(run.out, "pairs.jsonl"), run.labels)
     rngs = dict(torch=torch.get_rng_state(), sample=[s for s, _ in gens], label=[l for _, l in gens])
     name = f"labels-{run.labels:07d}"
     root = os.path.join(run.out, "checkpoints")
@@ -252,30 +383,58 @@ def save(run, w):
     os.makedirs(tmp)
     w.policy.save_pretrained(os.path.join(tmp, "policy"))   # safetensors, loadable as --init_from too
     w.tok.save_pretrained(os.path.join(tmp, "policy"))
-    torch.save(run.opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save(rngs, os.path.join(tmp, "rng.pt"))
+    for f, obj in (("optimizer.pt", run.opt.state_dict()), ("rng.pt", rngs)):
+        buf = io.BytesIO()            # serialised in memory, written by us: a full disk is a plain OSError
+        torch.save(obj, buf)
+        with open(os.path.join(tmp, f), "wb") as fh:
+            fh.write(buf.getvalue())
     os.replace(tmp, final)
     write_json(os.path.join(run.out, POINTER), dict(state, dir=os.path.join("checkpoints", name)))
     for d in os.listdir(root):        # only now is the older checkpoint no longer needed
         if d != name:
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
+def lines_hash(path, n):
+    """sha256 of the first n lines of a file."""
+    h = hashlib.sha256()
+    for line in P.read_lines(path)[:n]:
+        h.update(line.encode())
+    return h.hexdigest()
+
 def latest(out):
-    """The latest checkpoint's counters (with 'dir', its folder), or None if the run has none."""
+    """The latest checkpoint's counters (with 'dir', its folder, and 'policy'), or None if the run has
+    none. A damaged checkpoint.json or a missing checkpoint folder exits 2 with one line."""
     path = os.path.join(out, POINTER)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        state = json.load(f)
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        missing = [k for k in [f.name for f in dataclasses.fields(Run)] + ["time", "python_rng", "nproc", "dir"]
+                   if k not in state]
+        if missing:
+            raise ValueError(f"no '{missing[0]}'")
+    except (ValueError, TypeError) as e:
+        die(f"{path} is damaged ({e}) -- the run cannot continue from it; train on its labels with "
+            f"--from_pairs {out}/pairs.jsonl and another --out")
     state["dir"] = os.path.join(out, state["dir"])
     state["policy"] = os.path.join(state["dir"], "policy")
+    for f in ("policy/config.json", "optimizer.pt", "rng.pt"):
+        if not os.path.exists(os.path.join(state["dir"], f)):
+            die(f"{path} names {state['dir']}, which has no {f} -- the checkpoint was removed or moved; train on the "
+                f"run's labels with --from_pairs {out}/pairs.jsonl and another --out")
     return state
 
 def load_tensors(ckpt_dir):
     """Optimizer and RNG states of a checkpoint, read without running any pickled code."""
-    opt = torch.load(os.path.join(ckpt_dir, "optimizer.pt"), weights_only=True)
-    rngs = torch.load(os.path.join(ckpt_dir, "rng.pt"), weights_only=True)
-    return opt, rngs
+    got = []
+    for f in ("optimizer.pt", "rng.pt"):
+        try:
+            got.append(torch.load(os.path.join(ckpt_dir, f), weights_only=True))
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            die(f"{os.path.join(ckpt_dir, f)} holds something other than tensors ({str(e).splitlines()[0][:80]}) and is "
+                f"not read -- it was not written by train.py; start the run again with --overwrite")
+    return got
 
 def finite_or_stop(run, loss, norm):
     """A non-finite loss or gradient norm stops the run before the step: one line, nothing more
@@ -284,21 +443,8 @@ def finite_or_stop(run, loss, norm):
         if not torch.isfinite(norm) else None
     if why:
         ck = latest(run.out)
-        ddp.leave(f"train.py: stopped at step {run.steps + 1}: {why} -- nothing was written after the last good "
-                  f"checkpoint ({ck['labels']} labels, {ck['dir']}); lower --lr, or start again with another --seed", 1)
-
-@contextlib.contextmanager
-def stops(run):
-    """A labeller that stops the run (oracle.Stop: a person typed q, or their input ended) ends it
-    like a kill: every answer given is on disk, and --resume continues from the last checkpoint,
-    reusing them. Exit 0 for q, 1 for the end of the input."""
-    try:
-        yield
-    except Stop as e:
-        run.pairs_f.close()
-        print(f"\nstopped{f' ({e.why})' if e.why else ''}: your answers are in {run.out}/pairs.jsonl "
-              f"-- continue with python train.py --resume {run.out}")
-        sys.exit(e.code)
+        ddp.leave(f"train.py: stopped at step {run.steps + 1}: {why} -- the last good checkpoint ({ck['labels']} labels, "
+                  f"{ck['dir']}) is kept, with every label bought since; lower --lr, or start again with another --seed", 1)
 
 def finish(run, w):
     """The final policy, then summary.json, whose presence marks a finished run (both atomic)."""

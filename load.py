@@ -186,7 +186,12 @@ def load(args, start_from=None):
                                                               args.train_split, args.test_split)
         tok = load_policy_tokenizer(args.policy)
         source = pairs.read(args.from_pairs, cfg.vocab_size, args.labels) if args.from_pairs else None
-        train_prompts, test_prompts = fit_context(args, tok, cfg, train_prompts, test_prompts)
+        if source is not None:
+            beta_note(args)
+        train_prompts, test_prompts = fit_context(args, tok, cfg, *without_empty(train_prompts, test_prompts))
+        if args.eval_prompts > len(test_prompts) and args.eval_prompts != EVAL_PROMPTS:
+            print(f"note: --eval_prompts {args.eval_prompts} is more than the {len(test_prompts)} held-out prompts: "
+                  f"evaluating on all {len(test_prompts)}")
         dtype = getattr(torch, args.dtype)
         ref, _ = load_policy(args.policy, dtype)
         # the trained weights stay float32 (bf16 would round most AdamW steps away); bf16 = autocast in the stages
@@ -205,6 +210,30 @@ def load(args, start_from=None):
                            # the labeller: the oracle, or a person at this terminal (a fork's API labeller: one more line)
                            labeller=Person(sys.stdin, sys.stdout, oracle, args.labels) if args.oracle == "human" else oracle,
                            train_prompts=train_prompts, test_prompts=test_prompts[:args.eval_prompts])
+
+def beta_note(args):
+    """--from_pairs with another beta: its J (reward - beta*KL) is not the source run's J; say so."""
+    cfg = os.path.join(os.path.dirname(os.path.abspath(args.from_pairs)), "config.json")
+    try:
+        with open(cfg) as f:
+            beta = json.load(f).get("beta")
+    except (OSError, ValueError):
+        return
+    if beta is not None and beta != args.beta:
+        print(f"note: J here is reward - {args.beta}*KL; the run these pairs come from measured its J with beta {beta}, "
+              f"so the two J's are not comparable (reward and KL are)")
+
+EVAL_PROMPTS = 64   # --eval_prompts's default (options.py): more than a split holds is noted only when asked for
+
+def without_empty(train_prompts, test_prompts):
+    """Leave out empty prompts (a response to nothing teaches nothing), and say so."""
+    kept = [[p for p in ps if p.strip()] for ps in (train_prompts, test_prompts)]
+    for name, ps, k in zip(("training", "held-out"), (train_prompts, test_prompts), kept):
+        if not k:
+            raise WorldError(f"every {name} prompt is empty -- pick the column that holds them with --prompt_column")
+        if len(k) < len(ps):
+            print(f"note: leaving out {len(ps) - len(k)} empty {name} prompts")
+    return kept
 
 def fit_context(args, tok, cfg, train_prompts, test_prompts):
     """Leave out prompts too long to leave room for a full response in the policy's context."""

@@ -19,9 +19,16 @@ import world
 from ddp import die
 from dpo import LOSSES
 
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default once: not where the help already names it, nor a default of None."""
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
 def parser():
     p = argparse.ArgumentParser(description="Online / iterative DPO with PILAF and baseline pair samplers.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=Help)
     p.error = die   # one line instead of usage + error
     g = p.add_argument_group("algorithm")
     g.add_argument("--sampler", default="pilaf", choices=list(pilaf.SAMPLERS), help="how pairs are drawn (pilaf.py)")
@@ -40,8 +47,8 @@ def parser():
     g.add_argument("--epochs", type=int, default=2, help="iterative: passes over each round's pairs")
     g.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
     g.add_argument("--max_new_tokens", type=int, default=32, help="longest response")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
-    g = p.add_argument_group("models and data (default: the embedded world, built offline on first use)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the training pairs, above 0 (evaluation samples at 1)")
+    g = p.add_argument_group("models and data (unless named: the embedded world, built offline on first use)")
     g.add_argument("--world", default=world.DEFAULT_DIR, help="where the embedded world is cached")
     g.add_argument("--policy", default=None, help="reference / initial policy: causal LM name or folder")
     g.add_argument("--init_from", default=None, help="start the policy from this checkpoint instead (reference stays --policy)")
@@ -56,7 +63,7 @@ def parser():
     g.add_argument("--from_pairs", default=None, help="train on the labelled pairs of this pairs.jsonl, in their order, instead of sampling and labelling new ones")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval_every", type=int, default=512, help="evaluate after every this many labels (and at start and end)")
-    g.add_argument("--eval_prompts", type=int, default=64, help="held-out prompts per evaluation (at most the split's size)")
+    g.add_argument("--eval_prompts", type=int, default=load.EVAL_PROMPTS, help="held-out prompts per evaluation (at most the split's size)")
     g.add_argument("--eval_samples", type=int, default=8, help="policy samples per held-out prompt")
     g.add_argument("--save_every", type=int, default=512, help="checkpoint after every this many labels (and at start and end)")
     g.add_argument("--out", default=None, help="run folder (default out/<sampler>-<mode>-s<seed>)")
@@ -75,65 +82,88 @@ def typed(argv):
     return vars(given.parse_args(argv))
 
 def get_args(argv=None):
-    """The run's options: parsed and checked, or with --resume RUN the options saved in RUN/config.json."""
+    """The run's options: parsed and checked, or with --resume RUN the options saved in RUN/config.json
+    (checked the same way). What the run folder holds is checked later, under its lock (checkpoint.claim)."""
     args = parser().parse_args(argv)
     if args.resume:
         return resume_args(argv, args.resume)
     check(args)
     args.out = args.out or os.path.join("out", f"{args.sampler}-{args.mode}-s{args.seed}")
-    if os.path.exists(os.path.join(args.out, "pairs.jsonl")) and not args.overwrite:
-        die(f"{args.out} already holds a run (its labels would be lost) -- pass --resume {args.out} to continue it, "
-            f"another --out, or --overwrite")
     return args
 
-def check(args):
-    """Every check that needs no file opened."""
+def check(args, fail=die):
+    """Every check that needs no file opened; `fail` says what is wrong, in one line."""
     for name in ["labels", "batch_size", "iterations", "epochs", "max_new_tokens", "n", "eval_every", "eval_prompts",
                  "eval_samples", "save_every"]:
         if getattr(args, name) <= 0:
-            die(f"--{name} must be positive (got {getattr(args, name)})")
+            fail(f"--{name} must be positive (got {getattr(args, name)})")
     if args.beta <= 0:
-        die(f"--beta must be > 0 (got {args.beta}); the paper uses 0.1")
+        fail(f"--beta must be > 0 (got {args.beta}); the paper uses 0.1")
     if args.lr <= 0 or args.temperature < 0 or args.xpo_alpha < 0:
-        die("--lr must be > 0, --temperature and --xpo_alpha >= 0")
+        fail("--lr must be > 0, --temperature and --xpo_alpha >= 0")
+    if args.temperature == 0:
+        fail("--temperature 0 decodes greedily, so both responses of a pair would be the same and every label "
+             "wasted -- use a temperature above 0 (the default is 1; evaluation always samples at 1)")
     if args.n < 2:
-        die("--n must be at least 2: best_of_n labels its best and worst of n candidates")
+        fail("--n must be at least 2: best_of_n labels its best and worst of n candidates")
     if args.mode == "online" and args.labels % args.batch_size:
-        die(f"--labels ({args.labels}) must be a multiple of --batch_size ({args.batch_size}) in online mode")
+        fail(f"--labels ({args.labels}) must be a multiple of --batch_size ({args.batch_size}) in online mode")
     if args.mode == "iterative" and args.labels % args.iterations:
-        die(f"--labels ({args.labels}) must be a multiple of --iterations ({args.iterations})")
+        fail(f"--labels ({args.labels}) must be a multiple of --iterations ({args.iterations})")
     if args.device.startswith("cuda") and not torch.cuda.is_available() or args.device.split(":")[0] not in ("cpu", "cuda"):
-        die(f"--device {args.device} is not available here -- use --device cpu")
+        fail(f"--device {args.device} is not available here -- use --device cpu")
     if args.xpo_alpha and args.sampler != "hybrid":
-        die("--xpo_alpha applies to --sampler hybrid only")
+        fail("--xpo_alpha applies to --sampler hybrid only")
     procs, per_round = ddp.procs(), args.batch_size if args.mode == "online" else args.labels // args.iterations
     if args.batch_size % procs or per_round % procs:
-        die(f"--batch_size ({args.batch_size}) and the pairs per round ({per_round}) must split evenly across the "
-            f"{procs} processes -- pick a --batch_size and --labels that are multiples of {procs}")
+        fail(f"--batch_size ({args.batch_size}) and the pairs per round ({per_round}) must split evenly across the "
+             f"{procs} processes -- pick a --batch_size and --labels that are multiples of {procs}")
     if args.from_pairs and args.reference == "behavior":
-        die("--reference behavior anchors to the policy that sampled the pairs, which --from_pairs does not have "
-            "-- use --reference initial")
+        fail("--reference behavior anchors to the policy that sampled the pairs, which --from_pairs does not have "
+             "-- use --reference initial")
     if args.judge and args.oracle != "human":
-        die("--judge scores the evaluations when a person labels (--oracle human); otherwise --oracle does -- leave out --judge")
+        fail("--judge scores the evaluations when a person labels (--oracle human); otherwise --oracle does -- leave out --judge")
     if args.oracle == "human" and (procs > 1 or args.from_pairs):
-        die("--oracle human labels in one terminal: run it with plain python train.py, without --from_pairs")
+        fail("--oracle human labels in one terminal: run it with plain python train.py, without --from_pairs")
     if args.from_pairs and not os.path.isfile(args.from_pairs):
-        die(f"--from_pairs {args.from_pairs}: no such file -- pass the pairs.jsonl of a run")
+        fail(f"--from_pairs {args.from_pairs}: no such file -- pass the pairs.jsonl of a run")
 
 def resume_args(argv, run):
-    """The saved options of the run in folder `run`; options given again must agree with them."""
-    if not os.path.isfile(os.path.join(run, "config.json")):
+    """The saved options of the run in folder `run`, read back through the parser and the same checks
+    as a typed command line (a hand-edited config.json is caught here); options given again must
+    agree with them."""
+    path = os.path.join(run, "config.json")
+    if not os.path.isfile(path):
         die(f"--resume {run}: no config.json there -- pass the --out folder of a run")
-    if os.path.exists(os.path.join(run, "summary.json")):
-        die(f"--resume {run}: that run has finished (summary.json) -- start a new one with another --out")
-    if not os.path.exists(os.path.join(run, "checkpoint.json")):
-        die(f"--resume {run}: no checkpoint yet (it was stopped while starting) -- run it again with --overwrite")
-    with open(os.path.join(run, "config.json")) as f:
-        saved = json.load(f)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        if not isinstance(saved, dict):
+            raise ValueError("not an object of options")
+    except ValueError as e:
+        die(f"{path} is damaged ({e}) -- the run's options cannot be read; start a new run")
+    bad = lambda msg: die(f"{path} (the run's saved options): {msg} -- restore the file, or start a new run")
+    p = parser()
+    p.error = bad
+    known = {a.dest: a for a in p._actions if a.dest != "help"}
+    unknown = [k for k in saved if k not in known]
+    if unknown:
+        bad(f"'{unknown[0]}' is not an option of this train.py")
+    argv_saved = []
+    for k, v in saved.items():
+        if v is None or k in ("resume", "out"):
+            continue
+        a = known[k]
+        if isinstance(a, argparse._StoreTrueAction):
+            argv_saved += [a.option_strings[0]] if v is True else []
+        else:
+            argv_saved += [a.option_strings[0], str(v)]
+    args = p.parse_args(argv_saved)
+    check(args, bad)
     given = typed(argv)
     given.pop("resume")
     for k, v in given.items():
         if saved.get(k) != v and not (k == "out" and os.path.abspath(v) == os.path.abspath(run)):
             die(f"--resume continues with the run's saved options: --{k} {v} contradicts its {k}={saved.get(k)!r} "
                 f"-- leave --{k} out, or start a new run (--from_pairs {run}/pairs.jsonl reuses its labels)")
-    return argparse.Namespace(**dict(saved, out=run, resume=run))
+    return argparse.Namespace(**dict(vars(args), out=run, resume=run))

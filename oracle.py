@@ -3,9 +3,10 @@ The labellers: who says which response of a pair is better. Every labeller has o
 
     label(prompts, a, b, u, n)  ->  yields a Label per pair, in order, as soon as it is decided
 
-with the texts of the prompts and of the two responses, one uniform u per pair from the run's label
-generator (a Bradley–Terry draw, or the order a person is shown the two in), and n, how many pairs
-the run had before these. A labeller that must stop (a person typed q) raises Stop after the labels
+with the prompts' texts, the two responses of each pair (pairs.Response: `.text`, and `.cut` for one
+that ran out of tokens before its end), one uniform u per pair from the run's label generator (a
+Bradley–Terry draw, or the order a person is shown the two in), and n, how many pairs the run had
+before these. A labeller that must stop (a person typed q) raises Stop after the labels
 it gave: the run keeps them and stops like a kill. A fork's labeller behind an API is one more class
 with this call, and one line where train.py's load() chooses the labeller.
 
@@ -24,6 +25,8 @@ tokenizer has a chat template; "chat" or "plain" force one.
 A person can take the oracle's place (Person, below: train.py --oracle human); a reward model then
 still scores the evaluations (--judge), and each answered pair, to count how often the two agree.
 """
+import shutil
+import textwrap
 from typing import NamedTuple
 
 import torch
@@ -42,6 +45,7 @@ class Stop(Exception):
 
 class Oracle:
     terminal = False        # it needs no terminal: the run may show a progress bar
+    PAD = 32                # tokens: every text is padded to a multiple of this, whatever else shares its forward
 
     def __init__(self, model, tokenizer, batch_size=64, fmt="auto", how="bt"):
         self.model, self.tok = model, tokenizer
@@ -52,18 +56,29 @@ class Oracle:
 
     @torch.inference_mode()
     def score(self, prompts, responses):
-        """Scalar reward of each (prompt, response) text. -> (N,) float tensor on the CPU."""
+        """Scalar reward of each (prompt, response) text. -> (N,) float tensor on the CPU.
+
+        A text's score must not depend on which other texts share its forward: a resumed run scores
+        part of a batch, a check re-scores a stored pair, and padding every text to its batch's longest
+        changes the rounding of the model's sums in the 7th digit. So each text is padded to a length
+        of its own, the next multiple of PAD tokens (at most the model's context), and texts of one
+        length go through together."""
         if not prompts:
             return torch.zeros(0)
         dev = next(self.model.parameters()).device
-        out = []
-        for i in range(0, len(prompts), self.batch_size):
-            texts = [self.text(p, r) for p, r in zip(prompts[i:i + self.batch_size], responses[i:i + self.batch_size])]
-            # a rendered template already holds its special tokens (BOS...): the tokenizer must not add them twice
-            enc = self.tok(texts, padding=True, truncation=True, return_tensors="pt",
-                           add_special_tokens=not self.chat).to(dev)          # truncated at model_max_length
-            out.append(self.model(**enc).logits[:, 0].float().cpu())
-        return torch.cat(out)
+        texts = [self.text(p, r) for p, r in zip(prompts, responses)]
+        # a rendered template already holds its special tokens (BOS...): the tokenizer must not add them twice
+        ids = self.tok(texts, truncation=True, add_special_tokens=not self.chat)["input_ids"]   # cut at model_max_length
+        lengths = [min(-(-len(i) // self.PAD) * self.PAD, self.tok.model_max_length) for i in ids]
+        out = torch.empty(len(texts))
+        for L in sorted(set(lengths)):
+            rows = [j for j, n in enumerate(lengths) if n == L]
+            for k in range(0, len(rows), self.batch_size):
+                part = rows[k:k + self.batch_size]
+                enc = self.tok.pad({"input_ids": [ids[j] for j in part]}, padding="max_length", max_length=L,
+                                   return_tensors="pt").to(dev)
+                out[part] = self.model(**enc).logits[:, 0].float().cpu()
+        return out
 
     def text(self, prompt, response):
         """What the reward model reads for one (prompt, response)."""
@@ -74,7 +89,7 @@ class Oracle:
 
     def label(self, prompts, a, b, u, n=0):
         """Bradley-Terry: a wins when u < sigmoid(r(a) - r(b)); argmax: when r(a) > r(b)."""
-        sa, sb = self.score(prompts, a), self.score(prompts, b)
+        sa, sb = self.score(prompts, [x.text for x in a]), self.score(prompts, [x.text for x in b])
         if self.how not in ("bt", "argmax"):
             raise ValueError(f"unknown labelling rule '{self.how}' (use bt or argmax)")
         a_wins = u < torch.sigmoid(sa - sb) if self.how == "bt" else sa > sb
@@ -100,7 +115,7 @@ class Person:
         self.inp, self.out, self.judge, self.total = inp, out, judge, total
 
     def label(self, prompts, a, b, u, n=0):
-        sa, sb = self.judge.score(prompts, a), self.judge.score(prompts, b)
+        sa, sb = self.judge.score(prompts, [x.text for x in a]), self.judge.score(prompts, [x.text for x in b])
         for j, (p, x, y) in enumerate(zip(prompts, a, b)):
             swap = bool(u[j] < 0.5)                        # the first one shown is b when swapped
             ans = self.ask(p, *((y, x) if swap else (x, y)), f"pair {n + j + 1} of {self.total}")
@@ -110,9 +125,13 @@ class Person:
             yield Label(skipped or (ans == 0) != swap, sa[j].item(), sb[j].item(), skipped)
 
     def ask(self, prompt, first, second, where):
-        """-> 0 (first is better), 1 (second), 'skip', 'stop' (q), or 'eof' (the input ended)."""
-        rule = "-" * 72
-        self.out.write(f"\n{rule}\n{where}\nprompt: {prompt}\n\n[1] {first}\n\n[2] {second}\n")
+        """Show one pair (two Response records), whole words to a line, a response that ran out of tokens
+        marked. -> 0 (first is better), 1 (second), 'skip', 'stop' (q), or 'eof' (the input ended)."""
+        width = max(40, min(100, shutil.get_terminal_size().columns))
+        wrap = lambda head, text: textwrap.fill(text, width, initial_indent=head, subsequent_indent=" " * len(head),
+                                                break_long_words=False, break_on_hyphens=False) or head
+        shown = [wrap(f"[{k}] ", r.text + (" (cut off)" if r.cut else "")) for k, r in ((1, first), (2, second))]
+        self.out.write(f"\n{'-' * width}\n{where}\n{wrap('prompt: ', prompt)}\n\n{shown[0]}\n\n{shown[1]}\n")
         while True:
             self.out.write("which reply is better? 1 or 2, s to skip, q to stop > ")
             self.out.flush()

@@ -42,17 +42,19 @@ def labelled(round, step, prompt, prompt_ids, a, b, label):
 
 @dataclasses.dataclass
 class Response:
-    """One sampled response, as a pair record needs it."""
+    """One sampled response, as a labeller reads it and a pair record keeps it."""
     text: str
-    ids: list
-    src: str
-    logp: float
+    ids: list                   # its token ids, the ending one included
+    src: str                    # the distribution it was drawn from: pi, pi+, pi-, pi_ref, best, worst
+    logp: float                 # its log-prob under that distribution
+    cut: bool                   # it ran out of tokens (--max_new_tokens) before an end-of-response id
 
-def responses(tok, out, side):
-    """The sampler's `side` ("a" or "b") responses of a batch as Response records."""
+def responses(tok, out, side, eos):
+    """The sampler's `side` ("a" or "b") responses of a batch as Response records; `eos`: the ids
+    that end a response."""
     ids, mask = out[side], out[f"{side}_mask"]
     logp = (out[f"{side}_logps"] * mask).sum(-1).tolist()
-    return [Response(t, i, s[side == "b"], lp) for t, i, s, lp in
+    return [Response(t, i, s[side == "b"], lp, not i or i[-1] not in eos) for t, i, s, lp in
             zip(decode(tok, ids, mask), unpad(ids, mask), out["src"], logp)]
 
 def line(p):

@@ -30,6 +30,9 @@ def mix(logits, coefs, temperature=1.0):
     z = sum(c * F.log_softmax(_f32(h), dim=-1) for c, h in zip(coefs, logits))
     return F.log_softmax(z / temperature if temperature > 0 else z, dim=-1)
 
+class NotFinite(ValueError):
+    """A distribution to sample from is not finite (NaN or infinite logits: the weights blew up)."""
+
 def _f32(h):
     # at least float32: bf16 log-probs would blur the small beta-weighted differences between models
     return h.to(torch.promote_types(h.dtype, torch.float32))
@@ -51,11 +54,15 @@ def draw(p, generator=None, block=256):
     B, V = p.shape
     u = torch.rand(B, 1, generator=generator, device=p.device, dtype=torch.float64)    # (B, 1)
     if V <= block:                                                        # one block: a plain inverse CDF
-        cum = p.double().cumsum(-1)
+        cum = p.double().cumsum(-1)                                       # (B, V)
+    else:
+        nb = -(-V // block)
+        blocks = F.pad(p, (0, nb * block - V)).view(B, nb, block)        # (B, nb, block)
+        cum = blocks.sum(-1, dtype=torch.float64).cumsum(-1)              # (B, nb)
+    if not (torch.isfinite(cum[:, -1]).all() and (cum[:, -1] > 0).all()):   # NaN would draw garbage ids
+        raise NotFinite("the policy's next-token distribution is not finite (NaN or infinite logits)")
+    if V <= block:
         return _search(cum, u * cum[:, -1:]).squeeze(-1)
-    nb = -(-V // block)
-    blocks = F.pad(p, (0, nb * block - V)).view(B, nb, block)            # (B, nb, block)
-    cum = blocks.sum(-1, dtype=torch.float64).cumsum(-1)                  # (B, nb)
     u = u * cum[:, -1:]
     k = _search(cum, u)                                                   # (B, 1) the block past u
     u = u - F.pad(cum, (1, 0)).gather(1, k)                               # u's place inside that block

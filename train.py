@@ -56,13 +56,13 @@ def collect(run, w, args, sampler, n):
         with run.amp():
             out = sampler(w.policy, w.ref, ids_p, mask_p, args.beta, gen)
         checkpoint.spent(run, out, time.time() - t)                 # the sampling cost (paper Table 1), all ranks'
-        a, b = responses(w.tok, out, "a"), responses(w.tok, out, "b")
+        a, b = responses(w.tok, out, "a", w.eos), responses(w.tok, out, "b", w.eos)
         # one uniform per pair: its Bradley-Terry draw (a person: the order the two are shown in). Drawn
         # for the whole batch, pairs on disk included, so the label stream stays the uninterrupted run's
         u = torch.rand(len(texts), generator=run.g_label)
         saved = checkpoint.on_disk(run, first, texts, a, b)          # bought before a kill: never labelled again
         k = len(saved)
-        labels = w.labeller.label(texts[k:], [x.text for x in a[k:]], [x.text for x in b[k:]], u[k:], first + k)
+        labels = w.labeller.label(texts[k:], a[k:], b[k:], u[k:], first + k)     # a Label per pair, as each is given
         prompt_ids = unpad(ids_p, mask_p)
         new = (labelled(run.round, run.steps, texts[j], prompt_ids[j], a[j], b[j], lab) for j, lab in enumerate(labels, k))
         pairs += checkpoint.keep(run, saved, new)                   # each on disk as it is labelled; all ranks' pairs
@@ -138,22 +138,22 @@ def crossed(labels, per_round, every):
 
 def main(argv=None):
     args = options.get_args(argv)
-    args.device = ddp.init(args.device)                     # torchrun: one process per device
-    ck = checkpoint.latest(args.out) if args.resume else None
-    w = ddp.first(lambda: load(args, start_from=ck and ck["policy"]))   # (rank 0 first: it may build the world)
-    run = checkpoint.start(args, w, ck)                      # a fresh run folder, or where the checkpoint left off
-    online = args.mode == "online"
-    rounds = args.labels // args.batch_size if online else args.iterations
-    per_round = args.batch_size if online else args.labels // args.iterations
+    args.device = ddp.init(args.device)                    # torchrun: one process per device
+    with checkpoint.claim(args):    # this process alone writes the folder; any stop (Ctrl-C, q...) ends like a kill
+        ck = checkpoint.latest(args.out) if args.resume else None
+        w = ddp.first(lambda: load(args, start_from=ck and ck["policy"]))   # (rank 0 first: it may build the world)
+        run = checkpoint.start(args, w, ck)                  # a fresh run folder, or where the checkpoint left off
+        online = args.mode == "online"
+        rounds = args.labels // args.batch_size if online else args.iterations
+        per_round = args.batch_size if online else args.labels // args.iterations
 
-    def evaluate_and_log():
-        with run.amp():
-            checkpoint.log(run, evaluate(w.policy, w.ref, w.tok, w.oracle, w.test_prompts, args.beta, args.eval_samples,
-                                         args.max_new_tokens, args.seed, w.eos))
-    if not args.resume:
-        evaluate_and_log()
-        checkpoint.save(run, w)
-    with checkpoint.stops(run):      # a labeller that stops (a person's q) ends the run like a kill
+        def evaluate_and_log():
+            with run.amp():
+                checkpoint.log(run, evaluate(w.policy, w.ref, w.tok, w.oracle, w.test_prompts, args.beta,
+                                             args.eval_samples, args.max_new_tokens, args.seed, w.eos))
+        if not args.resume:
+            evaluate_and_log()
+            checkpoint.save(run, w)
         for r in range(run.round, rounds):
             # the paper's iterative protocol: the first round is Vanilla for every sampler
             name = "vanilla" if (not online and r == 0) else args.sampler
@@ -172,7 +172,7 @@ def main(argv=None):
                 evaluate_and_log()
             if crossed(run.labels, per_round, args.save_every) or r == rounds - 1:
                 checkpoint.save(run, w)
-    checkpoint.finish(run, w)
+        checkpoint.finish(run, w)
     ddp.close(run)
     return run.last
 

@@ -25,6 +25,7 @@ like a hub reward model, including its mistakes.
 """
 import omp  # noqa: F401  (first: how the CPU threads wait, set before torch loads; omp.py says why)
 
+import fcntl
 import hashlib
 import json
 import os
@@ -208,6 +209,7 @@ def build(out_dir, cfg=WORLD):
     policy = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_layer=cfg["n_layer"], n_head=cfg["n_head"],
                                         n_embd=cfg["n_embd"], bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                                         pad_token_id=tok.pad_token_id))
+    policy.loss_type = "ForCausalLM"   # the loss transformers uses anyway; named, so that it does not warn about it
     p_ids = [tok(p)["input_ids"] for p, _ in sft]
     r_ids = [tok(r)["input_ids"] + [tok.eos_token_id] for _, r in sft]
 
@@ -251,7 +253,9 @@ def build(out_dir, cfg=WORLD):
 
     _train(rm, rm_loss, len(rm_data), dict(cfg, epochs=cfg["rm_epochs"]), rng, "world: oracle reward model")
 
+    import datasets
     from datasets import Dataset, DatasetDict
+    datasets.disable_progress_bars()          # the build has its own bars
     cols = lambda rows: {PROMPT_COLUMN: [p for p, _, _ in rows], "item": [i for _, i, _ in rows], "problem": [q for _, _, q in rows]}
     os.makedirs(out_dir, exist_ok=True)
     policy.save_pretrained(os.path.join(out_dir, "policy"))
@@ -266,21 +270,35 @@ def world_key(cfg=WORLD):
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 
 def ensure(out_dir=DEFAULT_DIR, cfg=WORLD):
-    """The embedded world's folder, built first if missing or built from other settings."""
+    """The embedded world's folder, built first if missing or built from other settings. One process
+    builds at a time (a lock beside the folder): a second one, a compare.py child say, waits for it
+    and then finds the world built."""
     meta = os.path.join(out_dir, "world.json")
-    if os.path.exists(meta):
-        with open(meta) as f:
-            if json.load(f).get("key") == world_key(cfg):
-                return out_dir
+    if _built(meta, cfg):
+        return out_dir
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(meta):
         raise WorldError(f"--world {out_dir} is a folder that holds no world -- pass an empty or new folder")
-    print(f"building the embedded world in {out_dir} (once; cached afterwards)")
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".world-")   # built aside, then swapped in whole:
-    os.chmod(tmp, 0o755)
-    build(tmp, cfg)                                         # an interrupted build leaves no half world
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with open(os.path.join(parent, "." + os.path.basename(out_dir) + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)                    # freed by the kernel if this process dies
+        if _built(meta, cfg):                               # another process built it while this one waited
+            return out_dir
+        print(f"building the embedded world in {out_dir} (once; cached afterwards)")
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".world-")   # built aside, then swapped in whole:
+        os.chmod(tmp, 0o755)                                    # an interrupted build leaves no half world
+        try:
+            build(tmp, cfg)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
     return out_dir
+
+def _built(meta, cfg):
+    if not os.path.exists(meta):
+        return False
+    with open(meta) as f:
+        return json.load(f).get("key") == world_key(cfg)

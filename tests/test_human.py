@@ -7,6 +7,7 @@ import os
 import re
 
 import pytest
+import torch
 
 import train
 from test_resume import TIMINGS
@@ -29,7 +30,10 @@ def session(argv, answers, monkeypatch, capsys):
     out = capsys.readouterr()
     assert code in (0, 1), out.err
     out = out.out
-    return code, re.findall(r"\n\[1\] (.*)\n\n\[2\] (.*)\n", out), out
+    # each reply as shown: wrapped at whole words, a reply cut at --max_new_tokens marked "(cut off)"
+    shown = [tuple(" ".join(r.split()).removesuffix(" (cut off)") for r in pair)
+             for pair in re.findall(r"\n\[1\] (.*?)\n\n\[2\] (.*?)\nwhich reply", out, re.S)]
+    return code, shown, out
 
 # 32 pairs: 'x' is no answer and is asked again; s skips; 1 and 2 pick
 ANSWERS = ["1", "2", "x", "s", "2", "1", "1", "2", "1"] + ["2", "1", "1", "s"] * 6
@@ -44,7 +48,15 @@ def check_pairs(pairs, shown, answers):
             picked, other = (first, second) if a == "1" else (second, first)
             assert (p["chosen"], p["rejected"]) == (picked, other)
 
-def test_a_session_through_stdin_resumes_where_the_input_ran_dry(tiny_world, tmp_path, monkeypatch, capsys):
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def threads(request):
+    """The comparison of two sittings must hold on any thread count (the rounding of the sums changes)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(n)
+
+def test_a_session_through_stdin_resumes_where_the_input_ran_dry(tiny_world, tmp_path, monkeypatch, capsys, threads):
     argv = ["--sampler", "pilaf"] + MICRO + human_args(tiny_world)
     whole = str(tmp_path / "whole")
     code, shown, out = session(argv + ["--out", whole], ANSWERS, monkeypatch, capsys)

@@ -8,7 +8,8 @@ world.ensure() (a few minutes the first time, then cached).
 
 Nothing is written into the repository: a notebook that trains (03_results: its small comparison) trains into
 $PILAF_NOTEBOOK_OUT, which the test points at a new temporary folder, so it always trains afresh with the current
-train.py; the test checks that the runs are there, and that no file under the repository appeared or changed.
+train.py; the test checks that the runs are there, and that no file a notebook could have written appeared or
+changed under the repository (a user's own runs in out/ may go on meanwhile).
 """
 import json
 import os
@@ -36,14 +37,39 @@ def this_interpreter_kernel(tmp_path):
     specs = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")], ensure_native_kernel=False)
     return AsyncKernelManager(kernel_name=KERNEL, kernel_spec_manager=specs)
 
-def repo_files():
-    """{path: mtime} of every file under the repository, bytecode caches and git's own files aside."""
-    skip = {".git", "__pycache__", ".pytest_cache"}
+# where other processes write while the notebooks run: a user's own runs (out/, as the README's Quick start makes),
+# the environment, caches; a notebook's own output under out/ (out/notebook*) is still checked
+NOT_NOTEBOOKS = {".git", "__pycache__", ".pytest_cache", ".venv"}
+
+def repo_files(root=ROOT):
+    """{path: mtime} of every file under `root` that a notebook could have written: out/ holds the
+    user's runs and is left out, except the notebooks' own out/notebook* folders."""
     found = {}
-    for d, dirs, files in os.walk(ROOT):
-        dirs[:] = [x for x in dirs if x not in skip]
-        found.update({os.path.join(d, f): os.path.getmtime(os.path.join(d, f)) for f in files if f not in skip})
+    for d, dirs, files in os.walk(root):
+        dirs[:] = [x for x in dirs if x not in NOT_NOTEBOOKS and not (d == root and x == "out")]
+        found.update({os.path.join(d, f): os.path.getmtime(os.path.join(d, f)) for f in files})
+    out = os.path.join(root, "out")
+    for name in (os.listdir(out) if os.path.isdir(out) else []):
+        if name.startswith("notebook"):
+            found.update(repo_files(os.path.join(out, name)) or {os.path.join(out, name): 0.0})
     return found
+
+def written(before, after, root=ROOT):
+    """The files that appeared or changed between two repo_files() readings, relative to root."""
+    return sorted(os.path.relpath(f, root) for f in set(before) | set(after) if before.get(f) != after.get(f))
+
+def test_the_write_check_ignores_a_users_runs_but_not_a_notebooks_files(tmp_path):
+    root = str(tmp_path)
+    (tmp_path / "notebooks").mkdir()
+    before = repo_files(root)
+    (tmp_path / "out" / "pilaf-online-s0").mkdir(parents=True)          # a user's run going on meanwhile
+    (tmp_path / "out" / "pilaf-online-s0" / "pairs.jsonl").write_text("{}\n")
+    assert written(before, repo_files(root), root) == []
+    (tmp_path / "notebooks" / "figure.png").write_bytes(b"png")         # a notebook writing into the repository
+    (tmp_path / "out" / "notebook03").mkdir()
+    (tmp_path / "out" / "notebook03" / "results.md").write_text("x")
+    assert written(before, repo_files(root), root) == [os.path.join("notebooks", "figure.png"),
+                                                        os.path.join("out", "notebook03", "results.md")]
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name, tmp_path, monkeypatch):
@@ -70,9 +96,8 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs), f"{name} drew no figure"
 
-    after = repo_files()
-    written = sorted(os.path.relpath(f, ROOT) for f in set(before) | set(after) if before.get(f) != after.get(f))
-    assert not written, f"{name} wrote into the repository: {written}"
+    changed = written(before, repo_files())
+    assert not changed, f"{name} wrote into the repository: {changed}"
     if trains:   # its runs were trained now, in the temporary folder
         done = sorted(d.name for d in runs.iterdir() if (d / "summary.json").exists() and (d / "metrics.jsonl").stat().st_size)
         assert done == [f"{s}-s{seed}" for s in ("best_of_n", "hybrid", "pilaf", "vanilla") for seed in (0, 1)], done

@@ -1,20 +1,36 @@
-"""Sturdy where it matters: no foreign code on any load."""
+"""Sturdy where it matters: no foreign code on any load, one writer per run folder, signals, damaged
+folders, a full disk, settings that would waste paid labels."""
+import errno
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
+from datasets import Dataset, DatasetDict
 
-from test_train import MICRO, world_args
+import checkpoint
+import train
+from test_resume import TIMINGS, lines, weights
+from test_train import MICRO, bad, read_jsonl, world_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+
 def run_train(argv, stdin="", cwd=ROOT):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + argv, input=stdin, env=env, cwd=cwd,
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + argv, input=stdin, env=ENV, cwd=cwd,
                           capture_output=True, text=True, timeout=600)
+
+def start_train(argv):
+    """train.py in the background, its output streams kept apart."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + argv, env=ENV, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 def ask_for_code(folder, in_file):
     """Make a saved model folder ask for code of its own: `auto_map` in `in_file` naming two modules
@@ -65,3 +81,338 @@ def test_a_folder_that_asks_for_its_own_code_is_refused_by_every_path(in_file, t
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and "asks to run code of its own" in lines[0], (name, p.stderr[-2000:])
         assert not [m for m in markers if os.path.exists(m)], f"{name}: foreign code ran"
+
+
+# ---- one writer per run folder
+
+def one_line_error(p):
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and err[0].startswith("train.py: error:"), (p.returncode, p.stderr[-2000:])
+    return err[0]
+
+def test_two_fresh_runs_started_together_on_one_folder(tiny_world, tmp_path):
+    """Exactly one runs; the other exits 2 at once, naming the process that holds the folder, and the
+    folder ends with the winner's config, pairs and summary, nothing of the loser's."""
+    out = str(tmp_path / "run")
+    procs = [start_train(["--seed", str(s), "--out", out] + MICRO + world_args(tiny_world)) for s in (0, 1)]
+    done = [(p.communicate(timeout=600)[1], p.returncode) for p in procs]
+    assert sorted(rc for _, rc in done) == [0, 2], [(rc, err[-1500:]) for err, rc in done]
+    winner = [s for s, (_, rc) in zip((0, 1), done) if rc == 0][0]
+    loser = [err for err, rc in done if rc == 2][0].strip().splitlines()
+    assert len(loser) == 1 and "is being written by process" in loser[0], loser
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["seed"] == winner and len(read_jsonl(os.path.join(out, "pairs.jsonl"))) == 32
+    assert json.load(open(os.path.join(out, "summary.json")))["labels"] == 32
+
+def test_resume_or_overwrite_during_a_run_is_refused(tiny_world, tmp_path):
+    """--resume (and --overwrite) on a folder a run is writing: refused within seconds, one line naming
+    the running process; the run ends with exactly its budget, no label bought twice. The run is a
+    person's session, so that it waits for its answers while the others try."""
+    out = str(tmp_path / "run")
+    w = world_args(tiny_world)
+    argv = ["--oracle", "human", "--judge", w[3], "--policy", w[1], "--prompts", w[5], "--labels", "16",
+            "--batch_size", "8", "--eval_prompts", "4", "--eval_samples", "1", "--max_new_tokens", "10", "--out", out]
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + argv, env=ENV, cwd=ROOT, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first.stdin.write("1\n2\n1\n2\n")
+    first.stdin.flush()
+    while lines(os.path.join(out, "pairs.jsonl")) < 4 and first.poll() is None:
+        time.sleep(0.01)
+    for again in (["--resume", out], argv + ["--overwrite"]):
+        t = time.time()
+        err = one_line_error(run_train(again))
+        assert f"is being written by process {first.pid}" in err and time.time() - t < 60, err
+    _, err = first.communicate("1\n2\n" * 6, timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    assert len(read_jsonl(os.path.join(out, "pairs.jsonl"))) == 16
+    assert json.load(open(os.path.join(out, "summary.json")))["answered"] == 16
+
+# ---- stopping: Ctrl-C and SIGTERM, like a kill, in one line
+
+STOP_ARGV = ["--sampler", "pilaf", "--labels", "192", "--batch_size", "16", "--save_every", "64", "--eval_every", "64",
+             "--eval_prompts", "8", "--eval_samples", "2", "--max_new_tokens", "12"]
+
+def stopped_run(tiny_world, out, sig):
+    """A run stopped by `sig` once it holds pairs past its checkpoint at 64 labels. -> (exit code, stderr)"""
+    p = start_train(STOP_ARGV + world_args(tiny_world) + ["--out", out])
+    while lines(os.path.join(out, "pairs.jsonl")) < 96 and p.poll() is None:
+        time.sleep(0.002)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=600)
+    return p.returncode, err
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_world, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("full") / "run")
+    p = run_train(STOP_ARGV + world_args(tiny_world) + ["--out", out])
+    assert p.returncode == 0, p.stderr[-2000:]
+    return out
+
+def same_run(a, b):
+    assert open(os.path.join(a, "pairs.jsonl")).read() == open(os.path.join(b, "pairs.jsonl")).read()
+    drop = lambda ms: [{k: v for k, v in m.items() if k not in TIMINGS} for m in ms]
+    assert drop(read_jsonl(os.path.join(a, "metrics.jsonl"))) == drop(read_jsonl(os.path.join(b, "metrics.jsonl")))
+    wa, wb = weights(a), weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+@pytest.mark.parametrize("sig,code,name", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_ctrl_c_and_sigterm_stop_like_a_kill(sig, code, name, tiny_world, uninterrupted, tmp_path):
+    out = str(tmp_path / "run")
+    rc, err = stopped_run(tiny_world, out, sig)
+    assert rc == code and "Traceback" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    n = lines(os.path.join(out, "pairs.jsonl"))
+    assert last.startswith(f"train.py: stopped ({name}): {n} labels on disk") and f"--resume {out}" in last, last
+    assert not os.path.exists(os.path.join(out, "summary.json"))
+    p = run_train(["--resume", out])
+    assert p.returncode == 0, p.stderr[-2000:]
+    same_run(uninterrupted, out)
+
+# ---- damaged folders: resume checks what it continues
+
+@pytest.fixture(scope="module")
+def cut_run(tiny_world, tmp_path_factory):
+    """A run stopped part-way (SIGTERM), with pairs on disk past its last checkpoint: copied for each damage."""
+    out = str(tmp_path_factory.mktemp("cut") / "run")
+    rc, err = stopped_run(tiny_world, out, signal.SIGTERM)
+    assert rc == 143, err[-2000:]
+    return out
+
+def damaged(cut_run, tmp_path, edit):
+    out = str(tmp_path / "run")
+    shutil.copytree(cut_run, out)
+    edit(out)
+    return out
+
+def cut_lines(name, keep):
+    def edit(out):
+        path = os.path.join(out, name)
+        ls = open(path).readlines()
+        open(path, "w").writelines(keep(ls))
+    return edit
+
+def test_a_torn_last_line_is_dropped_and_the_run_ends_as_one_never_stopped(cut_run, uninterrupted, tmp_path):
+    """A kill in the middle of a write leaves a torn last line in pairs.jsonl or metrics.jsonl."""
+    def tear(out):
+        for name in ("pairs.jsonl", "metrics.jsonl"):
+            path = os.path.join(out, name)
+            last = open(path).readlines()[-1]
+            with open(path, "a") as f:
+                f.write(last[:len(last) // 2])
+    out = damaged(cut_run, tmp_path, tear)
+    p = run_train(["--resume", out])
+    assert p.returncode == 0, p.stderr[-2000:]
+    same_run(uninterrupted, out)
+
+@pytest.mark.parametrize("what,edit,match", [
+    ("metrics cut", cut_lines("metrics.jsonl", lambda ls: ls[:1]), "metrics.jsonl holds 1 evaluations, fewer than"),
+    ("pairs cut below the checkpoint", cut_lines("pairs.jsonl", lambda ls: ls[:50]), "pairs.jsonl holds 50 pairs, fewer than"),
+    ("a line deleted before the checkpoint", cut_lines("pairs.jsonl", lambda ls: ls[:10] + ls[11:]),
+     "are not the ones its checkpoint counted"),
+    ("a line edited before the checkpoint", cut_lines("pairs.jsonl", lambda ls: [ls[0].replace('"round": 0', '"round": 0 ')] + ls[1:]),
+     "are not the ones its checkpoint counted"),
+    ("a line deleted after the checkpoint", cut_lines("pairs.jsonl", lambda ls: ls[:70] + ls[71:]),
+     "is not the pair this run drew there"),
+    ("garbage checkpoint.json", lambda out: open(os.path.join(out, "checkpoint.json"), "w").write("{ no"), "checkpoint.json is damaged"),
+    ("empty checkpoint.json", lambda out: open(os.path.join(out, "checkpoint.json"), "w").write(""), "checkpoint.json is damaged"),
+    ("a key missing", lambda out: json.dump({k: v for k, v in json.load(open(os.path.join(out, "checkpoint.json"))).items()
+                                              if k != "order"}, open(os.path.join(out, "checkpoint.json") + ".x", "w"))
+     or os.replace(os.path.join(out, "checkpoint.json") + ".x", os.path.join(out, "checkpoint.json")), "no 'order'"),
+    ("the checkpoint folder deleted", lambda out: shutil.rmtree(os.path.join(out, "checkpoints")), "the checkpoint was removed"),
+    ("lr edited", lambda out: edit_config(out, lr=-1), "--lr must be > 0"),
+    ("sampler edited", lambda out: edit_config(out, sampler="bogus"), "invalid choice: 'bogus'"),
+    ("labels edited", lambda out: edit_config(out, labels=1000), "must be a multiple of --batch_size"),
+])
+def test_a_damaged_folder_is_refused_in_one_line(what, edit, match, cut_run, tmp_path):
+    out = damaged(cut_run, tmp_path, edit)
+    before = {f: open(os.path.join(out, f)).read() for f in ("pairs.jsonl", "metrics.jsonl") if os.path.exists(os.path.join(out, f))}
+    err = one_line_error(run_train(["--resume", out]))
+    assert match in err, (what, err)
+    assert before == {f: open(os.path.join(out, f)).read() for f in before}, "the refusal changed the folder"
+
+def edit_config(out, **changes):
+    path = os.path.join(out, "config.json")
+    cfg = json.load(open(path))
+    cfg.update(changes)
+    json.dump(cfg, open(path, "w"))
+
+def test_a_pickle_in_a_checkpoint_is_refused_in_one_line(cut_run, tmp_path):
+    marker = tmp_path / "RAN"
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    def plant(out):
+        ck = json.load(open(os.path.join(out, "checkpoint.json")))
+        torch.save({"state": Payload()}, os.path.join(out, ck["dir"], "optimizer.pt"))
+    out = damaged(cut_run, tmp_path, plant)
+    err = one_line_error(run_train(["--resume", out]))
+    assert "optimizer.pt holds something other than tensors" in err and "weights_only" not in err, err
+    assert not marker.exists()
+
+def test_token_ids_of_the_wrong_type_are_refused_in_one_line(cut_run, tmp_path, capsys):
+    pairs = read_jsonl(os.path.join(cut_run, "pairs.jsonl"))[:8]
+    for bad_id in ("5", 5.5):
+        pairs[2]["chosen_ids"][0] = bad_id
+        path = tmp_path / "pairs.jsonl"
+        path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        cfg = json.load(open(os.path.join(cut_run, "config.json")))
+        bad(["--from_pairs", str(path), "--labels", "8", "--batch_size", "8", "--out", str(tmp_path / "run"),
+             "--policy", cfg["policy"], "--oracle", cfg["oracle"], "--prompts", cfg["prompts"]], capsys,
+            "line 3: token ids must be a list of integers")
+
+# ---- a full disk
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread in this process, as in the subprocesses the runs here are compared with."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+def test_a_full_disk_stops_in_one_line_and_the_run_resumes_exactly(tiny_world, uninterrupted, tmp_path, monkeypatch,
+                                                                  capsys, one_thread):
+    """Writes that fail with ENOSPC (a checkpoint's, or a pair's): one line naming the folder, the disk and
+    the last good checkpoint, exit 1; once there is space, --resume ends as a run never stopped."""
+    argv = STOP_ARGV + world_args(tiny_world)
+    for target, at in (("write_json", 4), ("append", 100)):      # the pointer of the checkpoint at 128; a pair past 64
+        out = str(tmp_path / target)
+        real, calls = getattr(checkpoint, target), []
+        def full(*a, real=real, calls=calls, at=at):
+            calls.append(1)
+            if len(calls) >= at:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(*a)
+        monkeypatch.setattr(checkpoint, target, full)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            train.main(argv + ["--out", out])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        err = re.findall(r"train\.py: .*", err)          # (the progress bar's redraws aside)
+        assert e.value.code == 1 and len(err) == 1, err
+        assert f"the disk holding {os.path.abspath(out)} is full (No space left on device" in err[0], err
+        assert "the last checkpoint at 64" in err[0] and f"--resume {out}" in err[0], err
+        monkeypatch.setattr(checkpoint, target, real)
+        p = run_train(["--resume", out])
+        assert p.returncode == 0, p.stderr[-2000:]
+        same_run(uninterrupted, out)
+
+# ---- settings that would waste paid labels
+
+def test_greedy_training_pairs_are_refused(tiny_world, capsys, tmp_path):
+    bad(["--temperature", "0", "--out", str(tmp_path / "run")] + world_args(tiny_world), capsys,
+        "--temperature 0 decodes greedily")
+
+def test_a_policy_that_blows_up_stops_in_one_line_with_a_finite_checkpoint(tiny_world, tmp_path):
+    out = str(tmp_path / "run")
+    p = run_train(["--lr", "1e6", "--out", out, "--save_every", "8"] + MICRO + world_args(tiny_world))
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and err and err[-1].startswith("train.py: stopped") and "not finite" in err[-1], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and not os.path.exists(os.path.join(out, "summary.json"))
+    ck = json.load(open(os.path.join(out, "checkpoint.json")))
+    from safetensors.torch import load_file
+    w = load_file(os.path.join(out, ck["dir"], "policy", "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in w.values())
+
+def test_empty_prompts_are_left_out_and_all_empty_is_refused(tiny_world, capsys, tmp_path):
+    mixed = str(tmp_path / "mixed")
+    prompts = ["customer : my lamp arrived broken . agent :", "", "  ", "customer : my bike is missing ! agent :"]
+    DatasetDict(train=Dataset.from_dict({"prompt": prompts}), test=Dataset.from_dict({"prompt": prompts})).save_to_disk(mixed)
+    w = world_args(tiny_world)
+    out = str(tmp_path / "run")
+    capsys.readouterr()
+    train.main(["--out", out, "--prompts", mixed] + MICRO + w[:4])
+    assert "note: leaving out 2 empty training prompts" in capsys.readouterr().out
+    assert all(p["prompt"].strip() and p["prompt_ids"] for p in read_jsonl(os.path.join(out, "pairs.jsonl")))
+    empty = str(tmp_path / "empty")
+    DatasetDict(train=Dataset.from_dict({"prompt": ["", " "]}), test=Dataset.from_dict({"prompt": prompts})).save_to_disk(empty)
+    bad(["--out", str(tmp_path / "run2"), "--prompts", empty] + MICRO + w[:4], capsys, "every training prompt is empty")
+
+def test_eval_prompts_beyond_the_split_says_how_many_it_uses(tiny_world, capsys, tmp_path):
+    capsys.readouterr()
+    train.main(["--out", str(tmp_path / "run"), "--labels", "8", "--batch_size", "8", "--eval_prompts", "100",
+                "--eval_samples", "1", "--max_new_tokens", "8"] + world_args(tiny_world))
+    assert "note: --eval_prompts 100 is more than the 30 held-out prompts: evaluating on all 30" in capsys.readouterr().out
+
+# ---- what a newcomer meets: every message leads somewhere that works
+
+def test_messages_about_a_folder_lead_somewhere_that_works(tiny_world, capsys, tmp_path):
+    out = str(tmp_path / "run")
+    argv = ["--out", out] + MICRO + world_args(tiny_world)
+    train.main(argv)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"the run is in {out}/: summary.json, metrics.jsonl, pairs.jsonl, policy/"
+    bad(argv, capsys, "holds a finished run (summary.json) -- pass another --out, or --overwrite")
+    bad(["--resume", out], capsys, f"that run has finished (summary.json) -- its results are in {out}")
+    started = str(tmp_path / "started")            # stopped while starting: a config, no checkpoint, no label
+    os.makedirs(started)
+    open(os.path.join(started, "config.json"), "w").write(open(os.path.join(out, "config.json")).read())
+    bad(["--resume", started], capsys, "no checkpoint yet: it was stopped while starting, before it bought any label "
+                                       "-- run its command again, without --resume")
+    assert train.main(["--out", started] + MICRO + world_args(tiny_world))["labels"] == 32   # and that works
+
+def test_a_person_sees_whole_words_and_a_cut_reply_marked(monkeypatch):
+    import io
+    from oracle import Person
+    from pairs import Response
+    monkeypatch.setenv("COLUMNS", "44")
+    words = ("sorry about that . we will find the missing kettle . your kettle matters to us . have a nice day .")
+    first, second = Response(words, [], "pi", 0.0, cut=False), Response(words + " we will", [], "pi", 0.0, cut=True)
+    screen = io.StringIO()
+    assert Person(io.StringIO("2\n"), screen, None, 8).ask("customer : my kettle is missing . agent :", first, second,
+                                                           "pair 1 of 8") == 1
+    shown = screen.getvalue()
+    assert max(len(l) for l in shown.splitlines() if not l.startswith("which")) <= 44
+    one, two = shown.split("[1] ")[1].split("\nwhich reply")[0].split("[2] ")
+    assert " ".join(one.split()) == words and " ".join(two.split()) == words + " we will (cut off)"
+
+def test_a_J_under_another_beta_says_so(tiny_world, capsys, tmp_path):
+    first = str(tmp_path / "first")
+    train.main(["--out", first] + MICRO + world_args(tiny_world))
+    capsys.readouterr()
+    train.main(["--out", str(tmp_path / "again"), "--beta", "0.2", "--from_pairs", os.path.join(first, "pairs.jsonl")]
+               + MICRO + world_args(tiny_world))
+    assert ("note: J here is reward - 0.2*KL; the run these pairs come from measured its J with beta 0.1"
+            in capsys.readouterr().out)
+
+def test_help_shows_each_default_once():
+    import options
+    text = options.parser().format_help()
+    assert "(default: None)" not in text and "(default: False)" not in text
+    entries = re.split(r"\n  (?=-)", text)
+    assert all(e.count("default") <= 1 for e in entries), [e for e in entries if e.count("default") > 1]
+    assert "(default: 4096)" in text
+
+def test_the_world_build_prints_no_library_warnings(tmp_path, capfd, caplog):
+    import world
+    from conftest import TINY_WORLD
+    world.build(str(tmp_path / "w"), dict(TINY_WORLD, sft_examples=200, rm_examples=200))
+    err = capfd.readouterr().err
+    assert "loss_type" not in err and "warn" not in err.lower(), err[-2000:]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.records
+
+# ---- realistic one-line bugs the other tests would not catch
+
+def test_every_stored_label_is_the_oracles(tiny_world, tmp_path):
+    """--label argmax: each stored pair's chosen response is the one the oracle scores higher, and the
+    stored scores are exactly the oracle's when it re-scores the stored texts (catches a and b swapped
+    anywhere between sampling and the record)."""
+    import load
+    from oracle import Oracle
+    out = str(tmp_path / "run")
+    train.main(["--out", out, "--label", "argmax"] + MICRO + world_args(tiny_world))
+    pairs = read_jsonl(os.path.join(out, "pairs.jsonl"))
+    o = Oracle(*load.load_oracle(os.path.join(tiny_world, "oracle")))
+    prompts = [p["prompt"] for p in pairs]
+    chosen, rejected = o.score(prompts, [p["chosen"] for p in pairs]), o.score(prompts, [p["rejected"] for p in pairs])
+    assert chosen.tolist() == [p["chosen_score"] for p in pairs] and rejected.tolist() == [p["rejected_score"] for p in pairs]
+    assert all(c >= r for c, r in zip(chosen.tolist(), rejected.tolist()))
+    assert sum(c > r for c, r in zip(chosen.tolist(), rejected.tolist())) > len(pairs) // 2     # not all ties
+
+def test_evaluation_samples_at_temperature_1_whatever_the_training_temperature(tiny_world, tmp_path):
+    first = []
+    for t in ("0.5", "1"):
+        out = str(tmp_path / t)
+        train.main(["--out", out, "--temperature", t] + MICRO + world_args(tiny_world) + ["--labels", "8"])
+        first.append({k: read_jsonl(os.path.join(out, "metrics.jsonl"))[0][k] for k in ("reward", "kl", "J", "len")})
+    assert first[0] == first[1]
