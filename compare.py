@@ -32,8 +32,11 @@ import argparse
 import itertools
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import matplotlib
@@ -42,7 +45,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from tqdm import tqdm
 
+import checkpoint   # a run folder's lock: a run another process is writing is left alone
 import options   # train.py's command line: each run's full config (defaults included), and its checks
+import pairs as P
 from pilaf import SAMPLERS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -82,7 +87,16 @@ def get_args(argv=None):
                    help="more axes: train.py options with their values, e.g. loss=dpo,ipo reference=initial,behavior")
     p.add_argument("--out", default=None, help="root folder of the runs; None: out/compare-<mode>")
     p.add_argument("--only_report", action="store_true", help="train nothing: read the finished runs, write the report")
+    p.add_argument("--jobs", type=int, default=1, help="train.py runs at a time on this machine (each on one thread, "
+                                                     "unless OMP_NUM_THREADS is set)")
+    p.add_argument("--commands", action="store_true", help="train nothing: print the train.py command of every missing "
+                                                           "or unfinished run, one a line, for GNU parallel or a job array")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        die(f"--jobs must be at least 1 (got {args.jobs})")
+    if args.commands and (args.jobs != 1 or args.only_report):
+        die("--commands prints the runs' commands for another launcher and trains nothing -- leave out "
+            + ("--jobs" if args.jobs != 1 else "--only_report"))
     args.seeds = parse_seeds(args.seeds)
     args.grid = parse_grid(args.grid)
     args.extra = extra
@@ -141,6 +155,13 @@ def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
+def absolute(argv):
+    """train.py arguments with every path made absolute, so that the command runs from anywhere."""
+    folders = {"--out", "--resume", "--world"}                                    # made if missing
+    names = {"--policy", "--oracle", "--judge", "--prompts", "--init_from", "--from_pairs"}   # or a hub name
+    return [os.path.abspath(a) if i and (argv[i - 1] in folders or argv[i - 1] in names and os.path.exists(a)) else a
+            for i, a in enumerate(argv)]
+
 def run_dir(out, sampler, seed):
     return os.path.join(out, f"{sampler}-s{seed}")
 
@@ -177,34 +198,77 @@ def check_budgets(args):
                     " -- pass the same arguments after --, or another --out")
     return want
 
-def run_all(args):
-    """Train the missing runs, one subprocess each. -> names of the runs that failed"""
-    todo = [(s, seed) for seed in args.seeds for s in args.samplers
-            if not os.path.exists(os.path.join(run_dir(args.out, s, seed), "summary.json"))]
-    if not todo:
-        return []
-    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
-    failed = []
-    bar = tqdm(todo, desc="compare", unit="run")
-    for s, seed in bar:
-        name = f"{s}-s{seed}"
-        bar.set_postfix_str(name)
-        d = run_dir(args.out, s, seed)
-        cmd = [sys.executable, os.path.join(HERE, "train.py"), *train_argv(args, s, seed)]
-        if os.path.exists(os.path.join(d, "checkpoint.json")):   # interrupted: continue it, its labels reused
-            cmd = [sys.executable, os.path.join(HERE, "train.py"), "--resume", d]
-        elif os.path.exists(d):   # interrupted before its first checkpoint: its labels were paid for, keep them aside
-            k = 1
-            while os.path.exists(f"{d}.interrupted-{k}"):
-                k += 1
-            os.rename(d, f"{d}.interrupted-{k}")
-        log = os.path.join(args.out, "logs", name + ".log")
-        with open(log, "w") as f:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, TQDM_DISABLE="1")).returncode
-        if rc:
-            failed.append(os.path.join(os.path.basename(args.out), name) if args.point else name)
-            with open(log) as f:
-                tqdm.write(f"{name} failed (exit {rc}), see {log}:\n" + "".join(f.readlines()[-5:]))
+def pending(args):
+    """The runs of a point still to train, each as (name, folder, train.py arguments): a run with a
+    checkpoint continues (--resume, its labels reused), one stopped before its first checkpoint with
+    labels on disk is moved aside to <run>.interrupted-N (they were paid for) and runs again. A run
+    another process is writing (its folder's lock is held) is left alone, with a note."""
+    todo = []
+    for seed in args.seeds:
+        for s in args.samplers:
+            name, d = f"{s}-s{seed}", run_dir(args.out, s, seed)
+            if os.path.exists(os.path.join(d, "summary.json")):
+                continue
+            holder = checkpoint.held_by(d)
+            if holder:
+                print(f"note: {d} is being written by {holder}: left alone", file=sys.stderr)
+                continue
+            if os.path.exists(os.path.join(d, checkpoint.POINTER)):
+                argv = ["--resume", d]
+            else:
+                if len(P.read_lines(os.path.join(d, "pairs.jsonl"))):
+                    k = 1
+                    while os.path.exists(f"{d}.interrupted-{k}"):
+                        k += 1
+                    os.rename(d, f"{d}.interrupted-{k}")
+                argv = train_argv(args, s, seed)
+            todo.append((os.path.join(os.path.basename(args.out), name) if args.point else name, d, argv))
+    return todo
+
+def interrupted(signum, frame):
+    raise KeyboardInterrupt          # SIGTERM stops the comparison as Ctrl-C does
+
+def run_all(todo, jobs):
+    """Train `todo` (pending's runs), `jobs` train.py subprocesses at a time, each on one thread unless
+    OMP_NUM_THREADS is set, its output in <run>/train.log. A run that fails is named with the last line
+    of its log, and the others go on. Ctrl-C (or SIGTERM) stops every run like a kill, and the same
+    command continues them. -> names of the runs that failed"""
+    env = dict(os.environ, TQDM_DISABLE="1")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    failed, running, left = [], {}, list(todo)
+    bar = tqdm(total=len(todo), desc="compare", unit="run", disable=not todo)
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        while left or running:
+            while left and len(running) < jobs:
+                name, d, argv = left.pop(0)
+                os.makedirs(d, exist_ok=True)
+                log = open(os.path.join(d, "train.log"), "a")
+                p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                running[p] = (name, d, log)
+            bar.set_postfix_str(f"{len(running)} running, {len(left)} left")
+            time.sleep(0.2)
+            for p in [p for p in running if p.poll() is not None]:
+                name, d, log = running.pop(p)
+                log.close()
+                bar.update(1)
+                if p.returncode:
+                    failed.append(name)
+                    last = (P.read_lines(os.path.join(d, "train.log")) or ["(no output)\n"])[-1].strip()
+                    tqdm.write(f"{name} failed (exit {p.returncode}): {last} -- see {d}/train.log")
+    except KeyboardInterrupt:
+        for p in running:
+            p.send_signal(signal.SIGINT)             # each stops like a kill: its labels on disk, resumable
+        for p in running:
+            p.wait()
+        bar.close()
+        print(f"compare.py: stopped (Ctrl-C): {len(running)} runs stopped like a kill, {len(left)} not started -- "
+              f"run the same command again to continue them", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    bar.close()
     return failed
 
 def load_runs(out, samplers, seeds):
@@ -316,10 +380,22 @@ def report(runs, beta=0.1):
                   "Where the mean J curve over seeds first reaches it; in brackets a 95% bootstrap interval over "
                   "seeds (paired with Vanilla's; coarse with a handful of seeds).", ""]
         for s, r in runs.items():
-            n = labels_to_reach(mean_curve(r, "labels")[0], mean_curve(r, "J")[0], target)
+            at = mean_curve(r, "labels")[0]
+            n = labels_to_reach(at, mean_curve(r, "J")[0], target)
             ci = reach_interval(r, runs["vanilla"])
             ci = "" if ci is None else " [" + " – ".join("not reached" if np.isinf(x) else f"{x:.0f}" for x in ci) + "]"
-            lines.append(f"- {NAMES.get(s, s)}: " + ("not reached" if n is None else f"{n:.0f} labels") + ci)
+            if n is None:
+                said = "not reached"
+            elif n in at:
+                said = f"{n:.0f} labels"
+            else:                                      # between two evaluations: a straight line between them
+                hi = int(np.searchsorted(at, n))
+                said = f"{n:.0f} labels (interpolated between the evaluations at {at[hi - 1]:.0f} and {at[hi]:.0f})"
+            lines.append(f"- {NAMES.get(s, s)}: {said}{ci}")
+    evals = min(len(m) for r in runs.values() for m in r)
+    if evals <= 2:
+        lines += ["", f"Note: each run has only {evals} evaluations, so every curve is a straight line between them and "
+                      "the labels-to-reach figures are interpolated along it; pass -- --eval_every smaller for more."]
     return "\n".join(lines) + "\n"
 
 def grid_report(done):
@@ -391,7 +467,12 @@ def main(argv=None):
     args = get_args(argv)
     pts = points(args)
     cfgs = [check_budgets(p) for p in pts]       # every point checked before any run starts
-    failed = [] if args.only_report else [name for p in pts for name in run_all(p)]
+    if args.commands:
+        for p in pts:
+            for _, _, argv in pending(p):
+                print(shlex.join(["cd", HERE]) + " && " + shlex.join(["python", "train.py", *absolute(argv)]))
+        return []
+    failed = [] if args.only_report else run_all([run for p in pts for run in pending(p)], args.jobs)
     done = []
     for p, cfg in zip(pts, cfgs):
         runs = load_runs(p.out, p.samplers, p.seeds)
@@ -401,6 +482,9 @@ def main(argv=None):
     if not done:
         die(f"no finished runs under {args.out} -- " + (f"every run failed, see the logs under {args.out}" if failed
                                                         else "run without --only_report first"))
+    if min(len(m) for _, runs, _ in done for r in runs.values() for m in r) <= 2:
+        print("compare.py: note: the runs have only two evaluations each (at the start and the end): their curves are "
+              "two-point lines -- pass -- --eval_every smaller for more", file=sys.stderr)
     if args.grid:
         text = grid_report(done)
         with open(os.path.join(args.out, "results.md"), "w") as f:

@@ -2,6 +2,7 @@
 its statistics checked by hand on fabricated run folders."""
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -50,7 +51,7 @@ def test_micro_comparison_resumes_and_reports(tiny_world, tmp_path, capsys):
     assert all(after[d] == before[d] for d in before if d not in ("pilaf-s1", "vanilla-s1"))
     assert open(os.path.join(out, "pilaf-s1", "pairs.jsonl")).read() == pairs
     assert not os.path.exists(os.path.join(out, "pilaf-s1.interrupted-1"))
-    assert "resuming" in open(os.path.join(out, "logs", "pilaf-s1.log")).read()
+    assert "resuming" in open(os.path.join(out, "pilaf-s1", "train.log")).read()
     assert os.path.getsize(os.path.join(out, "vanilla-s1.interrupted-1", "pairs.jsonl")) > 0   # its labels kept
     # --only_report reads the folders and trains nothing
     compare.main(["--samplers", "vanilla", "pilaf", "--seeds", "0", "1", "--out", out, "--only_report"])
@@ -62,7 +63,7 @@ def test_a_failing_run_is_contained(tiny_world, tmp_path, capsys):
         compare.main(["--samplers", "vanilla", "--seeds", "0", "--out", out, "--"] + MICRO + world_args(tiny_world) +
                      ["--init_from", str(tmp_path / "missing")])
     assert e.value.code == 2 and "every run failed" in capsys.readouterr().err
-    assert "has no config.json" in open(os.path.join(out, "logs", "vanilla-s0.log")).read()
+    assert "has no config.json" in open(os.path.join(out, "vanilla-s0", "train.log")).read()
 
 # ---- fabricated run folders: numbers checked by hand
 
@@ -106,7 +107,8 @@ def test_statistics_by_hand(tmp_path):
     assert "| PILAF | 2 | **1.100 ± 1.271** | 3.00 ± 0.00 | **0.800 ± 1.271** | 32 | 2 | 3.00 |" in text
     # labels to reach Vanilla's final J, bootstrap over the 3 distinct resamples of seeds {0,1}:
     # {0,0}: target 0.4, PILAF s0 reaches it at 16 * 0.4/0.5 = 12.8; {1,1}: 0.6, s1 at 16 + 16 * 0.3/0.4 = 28; {0,1}: 20
-    assert "- Vanilla: 32 labels [32 – 32]" in text and "- PILAF: 20 labels [13 – 28]" in text
+    assert "- Vanilla: 32 labels [32 – 32]" in text
+    assert "- PILAF: 20 labels (interpolated between the evaluations at 16 and 32) [13 – 28]" in text
     assert "- Hybrid: not reached\n" in text          # one seed: no interval
     # paired by seed: PILAF - Vanilla final J = 0.5 and 0.1, mean 0.3, sd 0.283, 95% t (df 1): 12.706 * 0.283 / sqrt 2
     # Hybrid has seed 0 only: J 0.2 - 0.4 = -0.2, reward 0.3 - 0.6 = -0.3, no interval
@@ -277,3 +279,83 @@ def test_a_new_train_option_is_counted_in_the_fairness_check(tmp_path, monkeypat
         compare.main(["--samplers", "vanilla", "--seeds", "0", "1", "--out", out, "--only_report"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "mismatched budgets" in err and "knob=2.0" in err, err
+
+
+# ---- sweeps past one process: --jobs, --commands
+
+def test_jobs_2_gives_the_results_of_jobs_1_and_a_failing_run_is_named(tiny_world, tmp_path, capsys):
+    """Two runs at a time, each on one thread: the same report as one at a time (the runs are
+    independent processes); a run that fails is named with its log's last line and the others finish."""
+    reports = []
+    for jobs in ("1", "2"):
+        out = str(tmp_path / f"jobs{jobs}")
+        compare.main(["--samplers", "vanilla", "pilaf", "--seeds", "0", "1", "--jobs", jobs, "--out", out, "--"]
+                     + MICRO + world_args(tiny_world))
+        reports.append(open(os.path.join(out, "results.md")).read().split("\n", 1)[1])   # the title names the folder
+        assert "\r" not in open(os.path.join(out, "pilaf-s0", "train.log")).read()      # no progress-bar redraws
+    assert reports[0] == reports[1]
+    out = str(tmp_path / "failing")               # a run whose folder was damaged: it fails, the other finishes
+    d = os.path.join(out, "vanilla-s0")
+    os.makedirs(d)
+    cfg = vars(options.get_args(MICRO + world_args(tiny_world) + ["--sampler", "vanilla", "--seed", "0", "--out", d]))
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    open(os.path.join(d, "checkpoint.json"), "w").write("{ no")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--samplers", "vanilla", "pilaf", "--seeds", "0", "--jobs", "2", "--out", out, "--"] + MICRO
+                     + world_args(tiny_world))
+    captured = capsys.readouterr()
+    assert e.value.code == 1 and os.path.exists(os.path.join(out, "pilaf-s0", "summary.json"))
+    assert "vanilla-s0 failed (exit 2): train.py: error:" in captured.err + captured.out
+    assert "checkpoint.json is damaged" in captured.err + captured.out
+    assert "1 run(s) failed: vanilla-s0" in captured.err
+
+def test_commands_prints_exactly_the_missing_runs(tiny_world, tmp_path, capsys):
+    out = str(tmp_path / "cmp")
+    argv = ["--samplers", "vanilla", "pilaf", "--seeds", "0", "1", "--out", out, "--"] + MICRO + world_args(tiny_world)
+    compare.main(["--samplers", "vanilla", "--seeds", "0", "--out", out, "--"] + MICRO + world_args(tiny_world))
+    os.remove(os.path.join(out, "vanilla-s0", "summary.json"))          # an unfinished run: it continues
+    capsys.readouterr()
+    compare.main(["--commands"] + argv)
+    cmds = capsys.readouterr().out.strip().splitlines()
+    assert len(cmds) == 4 and all(c.startswith(f"cd {compare.HERE} && python train.py ") for c in cmds), cmds
+    assert cmds[0].endswith(f"--resume {os.path.abspath(os.path.join(out, 'vanilla-s0'))}")
+    assert [c.split("--out ")[1] for c in cmds[1:]] == [os.path.abspath(os.path.join(out, n))
+                                                        for n in ("pilaf-s0", "vanilla-s1", "pilaf-s1")]
+    for c in cmds:                                   # what a cluster's scheduler would do with them
+        assert subprocess.run(c, shell=True, env=dict(os.environ, TQDM_DISABLE="1"), capture_output=True).returncode == 0
+    compare.main(["--commands"] + argv)
+    assert capsys.readouterr().out == ""
+    compare.main(argv)                                # the finished runs are reported, not run again
+    assert "| PILAF | 2 |" in open(os.path.join(out, "results.md")).read()
+
+@pytest.mark.parametrize("argv,match", [
+    (["--jobs", "0"], "--jobs must be at least 1"),
+    (["--jobs", "-2"], "--jobs must be at least 1"),
+    (["--jobs", "2", "--commands"], "leave out --jobs"),
+])
+def test_sweep_options_fail_in_one_line(argv, match, tmp_path, capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        compare.main(argv + ["--out", str(tmp_path / "cmp")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and match in err, err
+
+def test_commands_for_a_folder_of_another_budget_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "cmp")
+    fake_run(out, "vanilla", 0, [0.0, 0.2, 0.4], budget=32)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--commands", "--samplers", "vanilla", "--seeds", "0", "--out", out, "--", "--labels", "64"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "mismatched budgets" in err, err
+
+def test_labels_to_reach_between_evaluations_says_it_is_interpolated(tmp_path, capsys):
+    out = str(tmp_path / "cmp")
+    fake_run(out, "vanilla", 0, [0.0, 0.5], labels=(0, 32))
+    fake_run(out, "pilaf", 0, [0.0, 0.8], labels=(0, 32))
+    capsys.readouterr()
+    compare.main(["--samplers", "vanilla", "pilaf", "--seeds", "0", "--out", out, "--only_report"])
+    text = open(os.path.join(out, "results.md")).read()
+    assert "PILAF: 20 labels (interpolated between the evaluations at 0 and 32)" in text
+    assert "only 2 evaluations" in text and "two-point lines" in capsys.readouterr().err
