@@ -48,6 +48,7 @@ from tqdm import tqdm
 import checkpoint   # a run folder's lock: a run another process is writing is left alone
 import options   # train.py's command line: each run's full config (defaults included), and its checks
 import pairs as P
+import pilaf
 from pilaf import SAMPLERS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -63,8 +64,8 @@ def budget_keys():
     return [a.dest for a in options.parser()._actions if a.dest not in NOT_BUDGET + ("help",)]
 WORLD_PARTS = ("policy", "oracle", "prompts")   # None: the embedded world's, as train.py resolves them
 RESERVED = ["--sampler", "--mode", "--seed", "--out", "--overwrite", "--resume"]   # compare.py sets these per run
-NAMES = {"vanilla": "Vanilla", "best_of_n": "Best-of-N", "hybrid": "Hybrid", "pilaf": "PILAF"}
-COLORS = {"vanilla": "tab:gray", "best_of_n": "tab:blue", "hybrid": "tab:green", "pilaf": "tab:red"}
+NAMES = {"vanilla": "Vanilla", "best_of_n": "Best-of-N", "hybrid": "Hybrid", "pilaf": "PILAF", "t_pilaf": "T-PILAF"}
+COLORS = {"vanilla": "tab:gray", "best_of_n": "tab:blue", "hybrid": "tab:green", "pilaf": "tab:red", "t_pilaf": "tab:purple"}
 
 def die(msg):
     """Bad input: one line, exit code 2 (like train.py and argparse)."""
@@ -166,8 +167,16 @@ def run_dir(out, sampler, seed):
     return os.path.join(out, f"{sampler}-s{seed}")
 
 def train_argv(args, sampler, seed):
-    """The train.py arguments of one run of the comparison."""
-    return [*args.extra, "--sampler", sampler, "--mode", args.mode, "--seed", str(seed), "--out", run_dir(args.out, sampler, seed)]
+    """The train.py arguments of one run of the comparison; a sampler's own option (--n) goes only to
+    the samplers that take it."""
+    others = {f"--{k}" for k in options.sampler_options() if k not in pilaf.options(sampler)}
+    extra, skip = [], False
+    for a in args.extra:
+        if skip or a.split("=")[0] in others:
+            skip = not skip and "=" not in a and a in others       # its value follows
+            continue
+        extra.append(a)
+    return [*extra, "--sampler", sampler, "--mode", args.mode, "--seed", str(seed), "--out", run_dir(args.out, sampler, seed)]
 
 def resolved(cfg):
     """A run's config with --policy / --oracle / --prompts None replaced by the embedded world's folders,

@@ -4,7 +4,8 @@ checks that turn bad input into one line naming the fix (exit 2, like argparse) 
 built, any weights load or anything is written. compare.py reads the same parser.
 
 A sampler's own options (best_of_n's --n) sit in the "sampler options" group: a sampler takes them
-as keyword parameters of the same names (pilaf.options), and train.py passes each sampler its own.
+as keyword parameters of the same names (pilaf.options), train.py passes each sampler its own, and
+one typed for a sampler that cannot use it is refused.
 """
 import argparse
 import json
@@ -18,6 +19,13 @@ import pilaf
 import world
 from ddp import die
 from dpo import LOSSES
+
+SAMPLER_OPTIONS = "sampler options (each for the samplers that take it)"
+
+def sampler_options():
+    """The options of the parser's sampler-options group: each sampler takes those it names."""
+    (g,) = [g for g in parser()._action_groups if g.title == SAMPLER_OPTIONS]
+    return [a.dest for a in g._group_actions]
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each default once: not where the help already names it, nor a default of None."""
@@ -38,8 +46,8 @@ def parser():
     g.add_argument("--loss", default="dpo", choices=LOSSES, help="dpo: -log sigmoid(beta*D); ipo: (D - 1/(2 beta))^2; hinge: max(0, 1 - beta*D), D the log-ratio margin")
     g.add_argument("--reference", default="initial", choices=["initial", "behavior"], help="what the loss anchors to: the initial model, or (BPO) the policy that sampled the round's pairs; KL and J always use the initial model")
     g.add_argument("--label", default="bt", choices=["bt", "argmax"], help="oracle labels: Bradley-Terry draw, or always the higher score")
-    g = p.add_argument_group("sampler options (each for the samplers that take it)")
-    g.add_argument("--n", type=int, default=8, help="best_of_n: candidates per prompt")
+    g = p.add_argument_group(SAMPLER_OPTIONS)
+    g.add_argument("--n", type=int, default=8, help="best_of_n, t_pilaf: candidates per prompt")
     g = p.add_argument_group("budget")
     g.add_argument("--labels", type=int, default=4096, help="preference labels in total (the annotation budget)")
     g.add_argument("--batch_size", type=int, default=32, help="pairs per DPO step (online: also per round)")
@@ -88,6 +96,12 @@ def get_args(argv=None):
     if args.resume:
         return resume_args(argv, args.resume)
     check(args)
+    given = typed(argv)
+    for k in sampler_options():
+        if k in given and k not in pilaf.options(args.sampler):
+            takers = [s for s in pilaf.SAMPLERS if k in pilaf.options(s)]
+            die(f"--{k} is an option of --sampler {' and '.join(takers)}, which --sampler {args.sampler} cannot use "
+                f"-- leave it out")
     args.out = args.out or os.path.join("out", f"{args.sampler}-{args.mode}-s{args.seed}")
     return args
 
@@ -105,7 +119,9 @@ def check(args, fail=die):
         fail("--temperature 0 decodes greedily, so both responses of a pair would be the same and every label "
              "wasted -- use a temperature above 0 (the default is 1; evaluation always samples at 1)")
     if args.n < 2:
-        fail("--n must be at least 2: best_of_n labels its best and worst of n candidates")
+        fail("--n must be at least 2: best_of_n and t_pilaf label two of n candidates")
+    if args.sampler == "t_pilaf" and args.n % 2:
+        fail(f"--n must be even for t_pilaf (got {args.n}): it draws y+ and y- from two halves of the candidates")
     if args.mode == "online" and args.labels % args.batch_size:
         fail(f"--labels ({args.labels}) must be a multiple of --batch_size ({args.batch_size}) in online mode")
     if args.mode == "iterative" and args.labels % args.iterations:

@@ -32,13 +32,15 @@ class Pair:
     chosen_logp: float = None
     rejected_logp: float = None
     skipped: bool = False
+    extra: dict = None          # what the sampler adds about the pair (t_pilaf: Z+, Z-, branch); left out when None
 
-def labelled(round, step, prompt, prompt_ids, a, b, label):
+def labelled(round, step, prompt, prompt_ids, a, b, label, extra=None):
     """The Pair of one prompt's two responses a and b (Response records) under the labeller's `label`."""
     (c, c_score), (r, r_score) = ((a, label.score_a), (b, label.score_b)) if label.a_wins else ((b, label.score_b), (a, label.score_a))
     return Pair(round=round, step=step, prompt=prompt, chosen=c.text, rejected=r.text, chosen_src=c.src,
                 rejected_src=r.src, chosen_score=c_score, rejected_score=r_score, prompt_ids=prompt_ids,
-                chosen_ids=c.ids, rejected_ids=r.ids, chosen_logp=c.logp, rejected_logp=r.logp, skipped=label.skipped)
+                chosen_ids=c.ids, rejected_ids=r.ids, chosen_logp=c.logp, rejected_logp=r.logp, skipped=label.skipped,
+                extra=extra)
 
 @dataclasses.dataclass
 class Response:
@@ -58,7 +60,10 @@ def responses(tok, out, side, eos):
             zip(decode(tok, ids, mask), unpad(ids, mask), out["src"], logp)]
 
 def line(p):
-    return json.dumps(dataclasses.asdict(p)) + "\n"
+    d = dataclasses.asdict(p)
+    if d["extra"] is None:
+        del d["extra"]
+    return json.dumps(d) + "\n"
 
 def read(path, vocab_size, need=0):
     """The pairs of a pairs.jsonl, each checked (parse), at least `need` of them."""

@@ -7,6 +7,8 @@ DPO update (dpo.py) are the same for all of them.
     pilaf      per prompt, a fair coin: (pi+, pi-) or (pi, pi)                     (paper Alg. 1)
     best_of_n  N policy samples; the highest and lowest implicit reward are the pair
     hybrid     one from the policy, one from the reference (XPO's sampling)
+    t_pilaf    the theory's sampler: sequence-level pi+- and the exact mixture weight, by resampling
+               N policy samples (paper Sec. 5)
 
 Why PILAF's pair (paper Sec. 4): vanilla pairs make the DPO gradient weight each pair by
 sigmoid'(Delta_theta), which down-weights exactly the pairs whose implicit rewards differ most, so
@@ -25,6 +27,7 @@ Every sampler has the same signature and returns a dict:
     a_logps, b_logps      (B, L) each token's log-prob under the distribution it was drawn from
                           (for forks: importance weights, an exact T-PILAF, ...)
     src                   [(source of a, source of b)] per prompt, e.g. ("pi+", "pi-")
+    extra                 (optional) a dict per prompt that pairs.jsonl keeps with the pair (t_pilaf's Z+-)
     forwards              sampling cost: for each response, the number of models stepped to decode it
     score_forwards        extra teacher-forced passes (Best-of-N's ranking)
 Table 1 of the paper, sampling forwards per labelled pair: vanilla 2, best_of_n 8 (N=8), hybrid 2,
@@ -106,7 +109,52 @@ def best_of_n(policy, ref, prompt_ids, prompt_mask, beta, gen, n=8):
     return dict(a=ids[hi], a_mask=mask[hi], a_logps=logps[hi], b=ids[lo], b_mask=mask[lo], b_logps=logps[lo],
                 src=[("best", "worst")] * B, forwards=n * B, score_forwards=2 * n * B)
 
-SAMPLERS = {"vanilla": vanilla, "pilaf": pilaf, "best_of_n": best_of_n, "hybrid": hybrid}
+def resample(r, g):
+    """T-PILAF's choice among N candidates per prompt, by sampling-importance-resampling.
+
+    r (B, N): the candidates' implicit rewards r_theta, the candidates drawn from pi. Z+- = E_pi[e^{+-r}]
+    are estimated as the means over all N. With probability Z+Z-/(1+Z+Z-) a prompt's pair is tilted:
+    y+ resampled from the first N/2 candidates with weights e^{+r}, y- from the other N/2 with weights
+    e^{-r}; otherwise both are plain pi samples, one candidate of each half drawn uniformly. Drawing
+    the two from different halves makes them different candidates and independent draws, as the pair
+    distributions pi+ x pi- and pi x pi are products; all N candidates still estimate Z+-.
+    -> dict of (B,) tensors: z_plus, z_minus, tilted (bool), plus and minus (the resampled y+ and y-,
+    whichever branch is taken), a and b (the pair's two candidates); indices into the N."""
+    B, N = r.shape
+    h = N // 2
+    zp, zm = r.exp().mean(1), (-r).exp().mean(1)                                     # (B,)
+    tilted = _rand(B, g).to(r.device) < zp * zm / (1 + zp * zm)                      # (B,)
+    plus = torch.multinomial(torch.softmax(r[:, :h], 1), 1, generator=g)[:, 0]       # weights e^{+r}, normalised
+    minus = h + torch.multinomial(torch.softmax(-r[:, h:], 1), 1, generator=g)[:, 0]  # weights e^{-r}
+    u = _rand((B, 2), g).to(r.device)                                                # the plain pair: uniform picks
+    a, b = (u[:, 0] * h).long().clamp(max=h - 1), h + (u[:, 1] * (N - h)).long().clamp(max=N - h - 1)
+    return dict(z_plus=zp, z_minus=zm, tilted=tilted, plus=plus, minus=minus,
+                a=torch.where(tilted, plus, a), b=torch.where(tilted, minus, b))
+
+def t_pilaf(policy, ref, prompt_ids, prompt_mask, beta, gen, n=8):
+    """The theory's sampler (paper Sec. 5), which PILAF rounds twice: pairs from pi x pi / sigma'(Delta),
+    i.e. (pi, pi) with probability 1/(1 + Z+Z-) and (pi+, pi-) otherwise, with pi+- = pi*e^{+-r_theta}/Z+-
+    over whole responses (PILAF: token by token, and probability 1/2). Made practical by resampling
+    (`resample`) N policy samples per prompt, their implicit rewards teacher-forced through both models
+    as best_of_n does. The cost is Best-of-N's: N sampling forwards per prompt and 2N scoring passes,
+    2 responses labelled. a_logps / b_logps are under pi, which drew the candidates (the resampled
+    distribution itself has no tractable density). `extra` holds each pair's Z+, Z- and branch."""
+    B = prompt_ids.shape[0]
+    p_ids, p_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)  # (B*n, P)
+    ids, mask, logps = generate([policy], [1.0], p_ids, p_mask, **gen)                        # (B*n, L)
+    with torch.no_grad():
+        r = beta * log_ratio(policy, ref, p_ids, p_mask, ids, mask).view(B, n)               # (B, n)
+    got = resample(r.double(), gen.get("generator"))
+    base = torch.arange(B, device=r.device) * n
+    a, b = base + got["a"], base + got["b"]
+    tilted = got["tilted"].tolist()
+    extra = [dict(z_plus=p, z_minus=m, branch="tilted" if t else "plain")
+             for p, m, t in zip(got["z_plus"].tolist(), got["z_minus"].tolist(), tilted)]
+    return dict(a=ids[a], a_mask=mask[a], a_logps=logps[a], b=ids[b], b_mask=mask[b], b_logps=logps[b],
+                src=[("T+", "T-") if t else ("pi", "pi") for t in tilted], extra=extra,
+                forwards=n * B, score_forwards=2 * n * B)
+
+SAMPLERS = {"vanilla": vanilla, "pilaf": pilaf, "best_of_n": best_of_n, "hybrid": hybrid, "t_pilaf": t_pilaf}
 
 def options(name):
     """The options sampler `name` takes beyond the common six arguments: its keyword parameters, named

@@ -63,8 +63,9 @@ def collect(run, w, args, sampler, n):
         saved = checkpoint.on_disk(run, first, texts, a, b)          # bought before a kill: never labelled again
         k = len(saved)
         labels = w.labeller.label(texts[k:], a[k:], b[k:], u[k:], first + k)     # a Label per pair, as each is given
-        prompt_ids = unpad(ids_p, mask_p)
-        new = (labelled(run.round, run.steps, texts[j], prompt_ids[j], a[j], b[j], lab) for j, lab in enumerate(labels, k))
+        prompt_ids, extra = unpad(ids_p, mask_p), out.get("extra") or [None] * len(texts)
+        new = (labelled(run.round, run.steps, texts[j], prompt_ids[j], a[j], b[j], lab, extra[j])
+               for j, lab in enumerate(labels, k))
         pairs += checkpoint.keep(run, saved, new)                   # each on disk as it is labelled; all ranks' pairs
     return pairs
 

@@ -359,3 +359,9 @@ def test_labels_to_reach_between_evaluations_says_it_is_interpolated(tmp_path, c
     text = open(os.path.join(out, "results.md")).read()
     assert "PILAF: 20 labels (interpolated between the evaluations at 0 and 32)" in text
     assert "only 2 evaluations" in text and "two-point lines" in capsys.readouterr().err
+
+def test_a_samplers_own_option_goes_only_to_the_samplers_that_take_it(tmp_path):
+    args = compare.points(compare.get_args(["--samplers", "vanilla", "t_pilaf", "--out", str(tmp_path), "--", "--n", "4",
+                                            "--labels", "64", "--n=6"]))[0]
+    assert compare.train_argv(args, "vanilla", 0)[:4] == ["--labels", "64", "--sampler", "vanilla"]
+    assert compare.train_argv(args, "t_pilaf", 0)[:5] == ["--n", "4", "--labels", "64", "--n=6"]
