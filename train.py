@@ -121,9 +121,11 @@ def evaluate(policy, ref, tok, scorer, prompts, beta, samples, max_new_tokens, s
     reward = scorer.score(texts, decode(tok, ids, mask))
     kl, kl_sampled = kl_estimates(policy, ref, ids_p, mask_p, ids, mask)
     eos = (torch.isin(ids, torch.tensor(eos_id, device=ids.device)) & mask.bool()).any(-1)
-    # one value per response; J per response = reward - beta*KL, so its standard error counts their covariance
-    vals = dict(reward=reward, kl=kl, kl_sampled=kl_sampled, J=reward - beta * kl.cpu(), len=mask.sum(-1), eos=eos)
-    names, X = list(vals), torch.stack([v.double().cpu() for v in vals.values()])     # (6, N)
+    # one value per response; J per response = reward - beta*KL, so its standard error counts their covariance;
+    # abs_r = |r_theta| = beta*|log pi/pi_ref| of the response: how far the tilt e^{+-r_theta} of PILAF's pi+- reaches
+    vals = dict(reward=reward, kl=kl, kl_sampled=kl_sampled, J=reward - beta * kl.cpu(), len=mask.sum(-1), eos=eos,
+                abs_r=beta * kl_sampled.abs())
+    names, X = list(vals), torch.stack([v.double().cpu() for v in vals.values()])     # (7, N)
     t = ddp.total(torch.cat([X.new_tensor([X.shape[1]]), X.sum(1), (X ** 2).sum(1)]))   # counts, sums, sums of squares
     n, s, sq = t[0], t[1:len(names) + 1], t[len(names) + 1:]
     mean = s / n

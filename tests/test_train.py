@@ -31,6 +31,7 @@ def test_online_pilaf_run_writes_everything(tiny_world, tmp_path):
     assert metrics[0]["kl"] == pytest.approx(0, abs=1e-5)       # the policy starts as the reference
     assert metrics[-1] == last and last["J"] == pytest.approx(last["reward"] - 0.1 * last["kl"])
     assert metrics[0]["kl_sampled"] == pytest.approx(0, abs=1e-5) and metrics[0]["kl_se"] == pytest.approx(0, abs=1e-5)
+    assert metrics[0]["abs_r"] == pytest.approx(0, abs=1e-6) and 0 < last["abs_r"] <= 0.1 * 50   # beta * |log-ratio|
     assert all(0 < last[k] < 1 for k in ("reward_se", "J_se")) and last["kl_se"] > 0 and last["kl_sampled_se"] > 0
     assert len(pairs) == 32 and {p["chosen_src"] for p in pairs} <= {"pi", "pi+", "pi-"}
     assert 2 <= last["fwd_per_pair"] <= 4 and last["judged_per_label"] == 2
@@ -266,4 +267,4 @@ def test_evaluate_standard_errors_hand_computed(tiny_world):
     m = train.evaluate(policy, policy, tok, Counting(), prompts, beta=0.1, samples=4, max_new_tokens=5)
     N = 12
     assert m["reward"] == pytest.approx((N - 1) / 2) and m["reward_se"] == pytest.approx(math.sqrt(N * (N + 1) / 12) / math.sqrt(N))
-    assert m["kl"] == m["kl_sampled"] == m["kl_se"] == 0 and m["J_se"] == pytest.approx(m["reward_se"])
+    assert m["kl"] == m["kl_sampled"] == m["kl_se"] == m["abs_r"] == 0 and m["J_se"] == pytest.approx(m["reward_se"])
