@@ -98,8 +98,8 @@ def write_lines(path, lines):
 LOCK = "run.lock"   # held (flock) by the process writing the folder; it names that process
 
 class Stopped(Exception):
-    """The run was asked to stop (Ctrl-C, SIGTERM) or cannot go on (a full disk, a policy gone
-    non-finite): it ends like a kill, with one line."""
+    """A signal asked the run to stop (SIGTERM; Ctrl-C is Python's KeyboardInterrupt): it ends like a
+    kill, with one line."""
     def __init__(self, why, code):
         super().__init__(why)
         self.why, self.code = why, code

@@ -383,6 +383,12 @@ def report(runs, beta=0.1):
             if s != "vanilla":
                 cells = [ci_text(paired(runs, s, k), fmt, "+") for k, fmt in (("reward", ".3f"), ("kl", ".2f"), ("J", ".3f"))]
                 lines.append(f"| {NAMES.get(s, s)} | {len(paired(runs, s, 'J'))} | " + " | ".join(cells) + " |")
+    if all("abs_r" in m[-1] for r in runs.values() for m in r):
+        lines += ["", "## How far each policy moved: mean |r_θ| = β·|log π/π_ref| of its samples at the end", "",
+                  "PILAF's π± differ from π by the tilt e^{±r_θ}: a few tenths of |r_θ| is a tilt of a few tenths of a nat.", "",
+                  "| Sampler | seeds | KL | mean \\|r_θ\\| |", "|---|---|---|---|"]
+        lines += [f"| {NAMES.get(s, s)} | {len(r)} | {ci_text([m[-1]['kl'] for m in r], '.2f')} | "
+                  f"{ci_text([m[-1]['abs_r'] for m in r])} |" for s, r in runs.items()]
     if "vanilla" in runs:
         target = mean_curve(runs["vanilla"], "J")[0][-1]     # its final mean J, to the last bit as its curve has it
         lines += ["", f"## Annotation efficiency: labels needed to reach Vanilla's final mean J ({target:.3f})", "",

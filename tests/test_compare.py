@@ -365,3 +365,14 @@ def test_a_samplers_own_option_goes_only_to_the_samplers_that_take_it(tmp_path):
                                             "--labels", "64", "--n=6"]))[0]
     assert compare.train_argv(args, "vanilla", 0)[:4] == ["--labels", "64", "--sampler", "vanilla"]
     assert compare.train_argv(args, "t_pilaf", 0)[:5] == ["--n", "4", "--labels", "64", "--n=6"]
+
+def test_the_report_says_how_far_each_policy_moved(tmp_path):
+    out = str(tmp_path / "cmp")
+    for seed, r in ((0, 0.2), (1, 0.4)):
+        fake_run(out, "vanilla", seed, [0.0, 0.2, 0.4])
+        path = os.path.join(out, f"vanilla-s{seed}", "metrics.jsonl")
+        rows = [dict(json.loads(line), abs_r=r) for line in open(path)]
+        open(path, "w").writelines(json.dumps(m) + "\n" for m in rows)
+    compare.main(["--samplers", "vanilla", "--seeds", "0", "1", "--out", out, "--only_report"])
+    text = open(os.path.join(out, "results.md")).read()
+    assert "## How far each policy moved" in text and "| Vanilla | 2 | 2.00 ± 0.00 | 0.300 ± 1.271 |" in text, text
