@@ -347,10 +347,10 @@ def reach_interval(r, van, resamples=2000):
         got.append(np.inf if n is None else n)
     return np.quantile(got, 0.025, method="lower"), np.quantile(got, 0.975, method="higher")
 
-def paired(runs, s, k):
-    """Final `k` of sampler s minus Vanilla's, one difference per seed both ran: the same seed draws
+def paired(runs, s, k, base="vanilla"):
+    """Final `k` of sampler s minus `base`'s, one difference per seed both ran: the same seed draws
     the same prompts (and labels' uniforms) for every sampler, so the spread leaves out what seeds share."""
-    van = {m[0]["seed"]: m for m in runs["vanilla"]}
+    van = {m[0]["seed"]: m for m in runs[base]}
     return [m[-1][k] - van[m[0]["seed"]][-1][k] for m in runs[s] if m[0]["seed"] in van]
 
 def report(runs, beta=0.1):
@@ -383,6 +383,12 @@ def report(runs, beta=0.1):
             if s != "vanilla":
                 cells = [ci_text(paired(runs, s, k), fmt, "+") for k, fmt in (("reward", ".3f"), ("kl", ".2f"), ("J", ".3f"))]
                 lines.append(f"| {NAMES.get(s, s)} | {len(paired(runs, s, 'J'))} | " + " | ".join(cells) + " |")
+    if "pilaf" in runs and "t_pilaf" in runs:
+        cells = [ci_text(paired(runs, "t_pilaf", k, "pilaf"), fmt, "+") for k, fmt in (("reward", ".3f"), ("kl", ".2f"), ("J", ".3f"))]
+        lines += ["", "## What PILAF's two roundings cost: T-PILAF − PILAF, paired by seed, at equal labels", "",
+                  "T-PILAF draws the theory's pairs (sequence-level π±, mixture weight Z₊Z₋/(1+Z₊Z₋)); PILAF rounds both "
+                  "(token-level π±, weight ½).", "", "| seeds | Δ reward | Δ KL | Δ J |", "|---|---|---|---|",
+                  f"| {len(paired(runs, 't_pilaf', 'J', 'pilaf'))} | " + " | ".join(cells) + " |"]
     if all("abs_r" in m[-1] for r in runs.values() for m in r):
         lines += ["", "## How far each policy moved: mean |r_θ| = β·|log π/π_ref| of its samples at the end", "",
                   "PILAF's π± differ from π by the tilt e^{±r_θ}: a few tenths of |r_θ| is a tilt of a few tenths of a nat.", "",

@@ -72,7 +72,7 @@ def fake_run(out, sampler, seed, J, labels=(0, 16, 32), budget=32, **config):
     os.makedirs(d)
     cfg = dict(vars(options.get_args(["--overwrite"])), sampler=sampler, seed=seed, mode="online", labels=budget, batch_size=8,
                iterations=4, epochs=2, lr=1e-3, max_new_tokens=10, **config)   # train.py's defaults for the rest
-    k = dict(vanilla=1.0, hybrid=0.5, pilaf=1.5)[sampler]          # KL grows by k per evaluation
+    k = dict(vanilla=1.0, hybrid=0.5, pilaf=1.5, t_pilaf=2.0)[sampler]          # KL grows by k per evaluation
     metrics = [dict(labels=n, J=j, kl=k * i, reward=j + 0.1 * k * i, fwd_per_pair=3.0 if sampler == "pilaf" else 2.0,
                     score_fwd_per_pair=0.0, judged_per_label=2.0) for i, (n, j) in enumerate(zip(labels, J))]
     for name, obj in (("config.json", cfg), ("summary.json", metrics[-1])):
@@ -376,3 +376,15 @@ def test_the_report_says_how_far_each_policy_moved(tmp_path):
     compare.main(["--samplers", "vanilla", "--seeds", "0", "1", "--out", out, "--only_report"])
     text = open(os.path.join(out, "results.md")).read()
     assert "## How far each policy moved" in text and "| Vanilla | 2 | 2.00 ± 0.00 | 0.300 ± 1.271 |" in text, text
+
+def test_the_report_pairs_t_pilaf_with_pilaf(tmp_path):
+    """What PILAF's roundings cost, seed by seed: J gaps 0.1 and 0.3 -> +0.200 ± 12.706*0.1414/sqrt(2);
+    KL grows by 2.0 against 1.5 per evaluation, so +1.00 at the end, and reward = J + 0.1*KL."""
+    out = str(tmp_path / "cmp")
+    for seed, (jp, jt) in enumerate(((0.4, 0.5), (0.6, 0.9))):
+        fake_run(out, "pilaf", seed, [0.0, 0.2, jp])
+        fake_run(out, "t_pilaf", seed, [0.0, 0.2, jt])
+    compare.main(["--samplers", "pilaf", "t_pilaf", "--seeds", "0", "1", "--out", out, "--only_report"])
+    text = open(os.path.join(out, "results.md")).read()
+    assert "## What PILAF's two roundings cost" in text
+    assert "| 2 | +0.300 ± 1.271 | +1.00 ± 0.00 | +0.200 ± 1.271 |" in text, text
