@@ -24,6 +24,7 @@ reward gaps), with Vanilla's it is weighted by sigma'(D) and does not, by a marg
 import omp  # noqa: F401  (first: how the CPU threads wait, set before torch loads; omp.py says why)
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -122,12 +123,16 @@ def measure(policy, ref, tok, oracle, prompts, beta=0.1, samplers=SAMPLERS, batc
 
 def table(rows, samplers=SAMPLERS):
     """Markdown: one line per checkpoint, cos((b), grad J) of each sampler (mean +- 95% t-interval over
-    batches) and the ceiling. rows: [(name, measure()'s dict, its KL on the held-out prompts)]"""
+    batches), the ceiling, and PILAF's and T-PILAF's cosine minus Vanilla's paired by batch (each batch
+    measures every sampler against the same (a), so the pairing removes (a)'s noise).
+    rows: [(name, measure()'s dict, its KL on the held-out prompts)]"""
     names = dict(vanilla="Vanilla", pilaf="PILAF", t_pilaf="T-PILAF", best_of_n="Best-of-N", hybrid="Hybrid")
-    head = ["checkpoint", "KL"] + [names[s] for s in samplers] + ["ceiling"]
+    deltas = [s for s in ("pilaf", "t_pilaf") if s in samplers and "vanilla" in samplers]
+    head = ["checkpoint", "KL"] + [names[s] for s in samplers] + ["ceiling"] + [f"{names[s]} − Vanilla" for s in deltas]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, got, kl in rows:
-        cells = [f"{m:+.3f} ± {h:.3f}" for m, h in (mean_ci(got[s]) for s in samplers + ["ceiling"])]
+        cols = [got[s] for s in samplers + ["ceiling"]] + [[x - v for x, v in zip(got[s], got["vanilla"])] for s in deltas]
+        cells = [f"{m:+.3f} ± {h:.3f}" for m, h in map(mean_ci, cols)]
         out.append(f"| {name} | {kl:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -140,6 +145,7 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=16, help="policy samples per prompt for (a)")
     p.add_argument("--pairs", type=int, default=8, help="pairs per prompt for each (b)")
     p.add_argument("--seed", type=int, default=0, help="seeds every batch")
+    p.add_argument("--json", help="also write every batch's cosines here, per checkpoint (JSON)")
     args = p.parse_args(argv)
     if args.samples < 4 or args.samples % 2 or args.batches < 1 or args.pairs < 1:
         sys.exit("gradients.py: error: --samples must be even and at least 4 (two halves, each with a baseline), "
@@ -157,6 +163,10 @@ def main(argv=None):
                       pairs=args.pairs, eos=eos, seed=args.seed)
         rows.append((path, got, kl))
         print(table(rows[-1:]), flush=True)
+        if args.json:
+            with open(args.json + ".tmp", "w") as f:
+                json.dump([dict(checkpoint=n, kl=k, cosines=g) for n, g, k in rows], f, indent=1)
+            os.replace(args.json + ".tmp", args.json)
     print(table(rows))
 
 if __name__ == "__main__":

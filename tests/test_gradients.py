@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import compare
 import gradients
 from test_sample import H_POL, H_REF
 
@@ -115,3 +116,5 @@ def test_measure_reports_every_sampler_and_the_ceiling(setup):
     assert all(c == pytest.approx((2 * h / (1 + h)) ** 0.5) for c, h in zip(got["ceiling"], got["halves"]))
     text = gradients.table([("bandit", got, 1.0)])
     assert text.count("\n") == 3 and "| bandit | 1.0 |" in text
+    d = [t - v for t, v in zip(got["t_pilaf"], got["vanilla"])]          # paired by batch: the same (a)
+    assert text.rstrip().endswith(f"| {sum(d) / 2:+.3f} ± {compare.mean_ci(d)[1]:.3f} |"), text     # T-PILAF − Vanilla, last
