@@ -19,6 +19,7 @@ import nbformat
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
+from jupyter_core.utils import run_sync
 from nbclient import NotebookClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,12 +84,14 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     n_cells = len(nb.cells)
     # one extra cell at the end reports which Python ran the notebook
     nb.cells.append(nbformat.v4.new_code_cell("import json, sys; print(json.dumps([sys.executable, sys.prefix]))"))
-    client = NotebookClient(nb, km=this_interpreter_kernel(tmp_path), timeout=CELL_TIMEOUT,
-                            allow_errors=False, resources={"metadata": {"path": NB_DIR}})
+    km = this_interpreter_kernel(tmp_path)
+    client = NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, allow_errors=False, resources={"metadata": {"path": NB_DIR}})
     try:
         client.execute()       # raises CellExecutionError, naming the cell, on the first error
     finally:
         nbformat.write(nb, str(tmp_path / name))   # the executed copy, for a look when something fails
+        if km.has_kernel:      # a kernel manager we made is ours to stop: nbclient stops only its own
+            run_sync(km.shutdown_kernel)(now=True)
 
     (probe,) = [o for o in nb.cells[-1].outputs if o.output_type == "stream"]
     assert json.loads(probe["text"]) == [sys.executable, sys.prefix], "the kernel ran another Python"
