@@ -353,6 +353,10 @@ def paired(runs, s, k, base="vanilla"):
     van = {m[0]["seed"]: m for m in runs[base]}
     return [m[-1][k] - van[m[0]["seed"]][-1][k] for m in runs[s] if m[0]["seed"] in van]
 
+def paired_cells(runs, s, base="vanilla"):
+    """Table cells of sampler s minus `base`, paired by seed: Δ reward, Δ KL, Δ J (mean ± 95% t-interval)."""
+    return [ci_text(paired(runs, s, k, base), fmt, "+") for k, fmt in (("reward", ".3f"), ("kl", ".2f"), ("J", ".3f"))]
+
 def report(runs, beta=0.1):
     """results.md: the paper's Table 2 (final reward, KL, J: mean +- 95% t-interval over seeds), the
     same paired with Vanilla by seed, Table 1's costs, and the labels each sampler needed to reach
@@ -381,14 +385,12 @@ def report(runs, beta=0.1):
                   "| Sampler | seeds | Δ reward | Δ KL | Δ J |", "|---|---|---|---|---|"]
         for s in runs:
             if s != "vanilla":
-                cells = [ci_text(paired(runs, s, k), fmt, "+") for k, fmt in (("reward", ".3f"), ("kl", ".2f"), ("J", ".3f"))]
-                lines.append(f"| {NAMES.get(s, s)} | {len(paired(runs, s, 'J'))} | " + " | ".join(cells) + " |")
+                lines.append(f"| {NAMES.get(s, s)} | {len(paired(runs, s, 'J'))} | " + " | ".join(paired_cells(runs, s)) + " |")
     if "pilaf" in runs and "t_pilaf" in runs:
-        cells = [ci_text(paired(runs, "t_pilaf", k, "pilaf"), fmt, "+") for k, fmt in (("reward", ".3f"), ("kl", ".2f"), ("J", ".3f"))]
         lines += ["", "## What PILAF's two roundings cost: T-PILAF − PILAF, paired by seed, at equal labels", "",
                   "T-PILAF draws the theory's pairs (sequence-level π±, mixture weight Z₊Z₋/(1+Z₊Z₋)); PILAF rounds both "
                   "(token-level π±, weight ½).", "", "| seeds | Δ reward | Δ KL | Δ J |", "|---|---|---|---|",
-                  f"| {len(paired(runs, 't_pilaf', 'J', 'pilaf'))} | " + " | ".join(cells) + " |"]
+                  f"| {len(paired(runs, 't_pilaf', 'J', 'pilaf'))} | " + " | ".join(paired_cells(runs, "t_pilaf", "pilaf")) + " |"]
     if all("abs_r" in m[-1] for r in runs.values() for m in r):
         lines += ["", "## How far each policy moved: mean |r_θ| = β·|log π/π_ref| of its samples at the end", "",
                   "PILAF's π± differ from π by the tilt e^{±r_θ}: a few tenths of |r_θ| is a tilt of a few tenths of a nat.", "",

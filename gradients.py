@@ -36,7 +36,7 @@ import pilaf
 import train
 import world
 from compare import mean_ci
-from dpo import log_ratio, sequence_logps
+from dpo import log_ratio, pair_logps, sequence_logps
 from oracle import Oracle
 from pairs import decode, tokenize
 from sample import generate
@@ -91,12 +91,12 @@ def dpo_update(policy, ref, tok, oracle, prompts, beta, sampler, pairs, max_new_
         out = pilaf.SAMPLERS[sampler](policy, ref, ids_p, mask_p, beta, gen, **opts)
         p = torch.sigmoid(oracle.score(texts, decode(tok, out["a"], out["a_mask"]))
                           - oracle.score(texts, decode(tok, out["b"], out["b_mask"]))).to(policy.device)
-        ra = sequence_logps(ref, ids_p, mask_p, out["a"], out["a_mask"])
-        rb = sequence_logps(ref, ids_p, mask_p, out["b"], out["b_mask"])
+        rows = (ids_p, mask_p, out["a"], out["a_mask"], out["b"], out["b_mask"])
+        ra, rb = pair_logps(ref, *rows)
 
     def surrogate(lo, hi):   # sum of w * D with w = p - sigmoid(D) held fixed: its gradient is sum of w * grad D
-        rows = lambda x: [t[lo:hi] for t in (ids_p, mask_p, out[x], out[f"{x}_mask"])]
-        D = beta * ((sequence_logps(policy, *rows("a")) - ra[lo:hi]) - (sequence_logps(policy, *rows("b")) - rb[lo:hi]))
+        pa, pb = pair_logps(policy, *(t[lo:hi] for t in rows))
+        D = beta * ((pa - ra[lo:hi]) - (pb - rb[lo:hi]))
         return ((p[lo:hi] - torch.sigmoid(D)).detach() * D).sum() / len(texts)
     return flat_grad(policy, len(texts), surrogate)
 
