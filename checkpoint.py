@@ -123,7 +123,7 @@ def claim(args):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            holder = _holder(fd)
             os.close(fd)
             die(f"{out} is being written by {holder} -- wait for it to end, or stop it and continue with --resume {out}")
         os.ftruncate(fd, 0)
@@ -142,6 +142,17 @@ def claim(args):
                 os.rmdir(out)
             os.close(fd)
 
+def _holder(fd):
+    """The process holding the lock file `fd`, as it named itself there. A holder names itself just
+    after taking the lock, so a run that loses a race may find the file still empty: it waits up to a
+    second for the name."""
+    for _ in range(20):
+        name = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        if name:
+            return name
+        time.sleep(0.05)
+    return "another process"
+
 def held_by(out):
     """Who is writing the run folder `out` now (its lock's holder, as it named itself), or None."""
     path = os.path.join(out, LOCK)
@@ -152,7 +163,7 @@ def held_by(out):
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return None
     except BlockingIOError:
-        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        return _holder(fd)
     finally:
         os.close(fd)
 
