@@ -46,6 +46,7 @@ import torch
 from tqdm import tqdm
 
 import ddp
+import options
 import pairs as P
 from ddp import die
 from oracle import Stop
@@ -118,8 +119,14 @@ def claim(args):
     out, fd = args.out, None
     created = not os.path.exists(out)
     if ddp.rank == 0:
-        os.makedirs(out, exist_ok=True)
-        fd = os.open(os.path.join(out, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        foreign = not_a_run(out)
+        if foreign:
+            die(f"--out {out} {foreign} -- a run writes only into a new or empty folder, or one of its own; pass another --out")
+        try:
+            os.makedirs(out, exist_ok=True)
+            fd = os.open(os.path.join(out, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            die(f"--out {out}: cannot write there ({e.strerror}) -- pass a folder you can write to")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -128,6 +135,7 @@ def claim(args):
             die(f"{out} is being written by {holder} -- wait for it to end, or stop it and continue with --resume {out}")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(), 0)
+        _lock[:] = [out, os.fstat(fd).st_ino]
     signal.signal(signal.SIGTERM, _terminated)
     try:
         check_folder(args)
@@ -135,12 +143,54 @@ def claim(args):
     except (Stop, Stopped, KeyboardInterrupt, NotFinite, OSError) as e:
         stopped(args, e)
     finally:
+        _lock.clear()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if fd is not None:
             if created and set(os.listdir(out)) <= {LOCK}:     # stopped before anything was written: no trace
                 os.remove(os.path.join(out, LOCK))
                 os.rmdir(out)
             os.close(fd)
+
+# What a run folder may hold: the files a run writes (and their temporaries), and compare.py's log of it
+RUN_FILES = {"config.json", "pairs.jsonl", "metrics.jsonl", POINTER, "checkpoints", "policy", ".policy",
+             "summary.json", LOCK, "train.log"}
+
+def not_a_run(out):
+    """Why `out` is no place for a run, or None: it must be a new or empty folder, or one that holds
+    only what a run writes (then check_folder says whether this command may write it)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return "is a file"
+    foreign = sorted(f for f in (os.listdir(out) if os.path.isdir(out) else [])
+                     if f not in RUN_FILES and f.removesuffix(".tmp") not in RUN_FILES)
+    if foreign:
+        return f"holds files that are not a run's ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        cfg = None
+    if not isinstance(cfg, dict) or "sampler" not in cfg or set(cfg) - set(options.DEFAULTS):
+        return "holds a config.json that is not a run's options (a model folder?)"
+    return None
+
+_lock = []      # [run folder, inode of its lock file] while this process holds it
+
+def still_ours():
+    """Stop before writing if the folder is no longer the one this process locked: removed, or
+    replaced (rm -rf, then another run made it anew) while this run was stopped (SIGSTOP, a laptop lid).
+    The other run's files are then never touched."""
+    if not _lock:
+        return
+    out, ino = _lock
+    try:
+        same = os.stat(os.path.join(out, LOCK)).st_ino == ino
+    except OSError:
+        same = False
+    if not same:
+        ddp.leave(f"train.py: stopped: {out} was removed or replaced while this run was writing it -- this run "
+                  f"writes nothing more there (what it wrote went with the old folder)", 1)
 
 def _holder(fd):
     """The process holding the lock file `fd`, as it named itself there. A holder names itself just
@@ -221,11 +271,7 @@ def start(args, w, ck=None):
     pairs_path, metrics_path = os.path.join(args.out, "pairs.jsonl"), os.path.join(args.out, "metrics.jsonl")
     if not ck and ddp.rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        for d in ("policy", "checkpoints"):
-            shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
-        for f in ("summary.json", POINTER, "pairs.jsonl", "metrics.jsonl"):
-            if os.path.exists(os.path.join(args.out, f)):
-                os.remove(os.path.join(args.out, f))
+        set_aside(args.out)
         write_json(os.path.join(args.out, "config.json"), vars(args))
     run = Run(**{f.name: ck[f.name] for f in dataclasses.fields(Run)}) if ck else Run()
     run.out, run.t0, run.disk, run.diverged, run.report = args.out, time.time(), [], False, w.labeller.report
@@ -282,6 +328,26 @@ def start(args, w, ck=None):
     run.bar = tqdm(total=args.labels, initial=run.labels, desc=f"{args.sampler}/{args.mode}", unit="label", **quiet)
     return run
 
+def set_aside(out):
+    """A fresh start in a folder that holds a run (--overwrite: check_folder let it through): the old
+    run's files are moved to <out>.replaced-N, never deleted, when it bought labels or finished; a
+    start that bought nothing (config, the first evaluation and checkpoint) is simply replaced."""
+    old = [f for f in os.listdir(out) if f not in (LOCK, "train.log")]
+    if os.path.exists(os.path.join(out, "summary.json")) or P.read_lines(os.path.join(out, "pairs.jsonl")):
+        k = 1
+        while os.path.exists(f"{out}.replaced-{k}"):
+            k += 1
+        os.makedirs(f"{out}.replaced-{k}")
+        for f in old:
+            os.rename(os.path.join(out, f), os.path.join(f"{out}.replaced-{k}", f))
+        print(f"note: --overwrite: the run that was in {out} is kept in {out}.replaced-{k}")
+    for f in old:
+        path = os.path.join(out, f)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
 def spent(run, out, seconds):
     """A batch's sampling cost, counted for metrics.jsonl: forwards (paper Table 1), extra scoring
     passes, response tokens, each summed over the ranks; and this rank's seconds."""
@@ -325,6 +391,7 @@ def keep(run, saved, new):
     return batch
 
 def append(run, pairs):
+    still_ours()
     run.pairs_f.write("".join(P.line(p) for p in pairs))
     run.pairs_f.flush()
 
@@ -366,6 +433,7 @@ def log(run, m):
     run.last = m
     if ddp.rank:
         return
+    still_ours()
     run.metrics_f.write(json.dumps(m) + "\n")
     run.metrics_f.flush()
     tqdm.write(f"step {m['step']:4d} | labels {m['labels']:5d} | reward {m['reward']:6.3f} | KL {m['kl']:6.2f} | "
@@ -384,6 +452,7 @@ def save(run, w):
     gens = ddp.everyone((run.g_sample.get_state(), run.g_label.get_state()))       # one pair per rank
     if ddp.rank:
         return
+    still_ours()
     state["pairs_sha256"] = lines_hash(os.path.join(run.out, "pairs.jsonl"), run.labels)
     rngs = dict(torch=torch.get_rng_state(), sample=[s for s, _ in gens], label=[l for _, l in gens])
     name = f"labels-{run.labels:07d}"
@@ -462,6 +531,7 @@ def finish(run, w):
     run.bar.close()
     if ddp.rank:
         return
+    still_ours()
     tmp = os.path.join(run.out, ".policy")
     shutil.rmtree(tmp, ignore_errors=True)
     w.policy.save_pretrained(tmp)

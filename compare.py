@@ -146,8 +146,8 @@ def parse_seeds(tokens):
     """['0-2', '7'] -> [0, 1, 2, 7]; bad input exits 2 in one line."""
     seeds = []
     for t in tokens:
-        lo, _, hi = t.partition("-")
-        if not lo.isdigit() or (hi and not hi.isdigit()) or (hi and int(hi) < int(lo)):
+        lo, dash, hi = t.partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()) or (hi and int(hi) < int(lo)):
             die(f"--seeds: '{t}' is neither a seed nor a range like 0-9")
         seeds += range(int(lo), int(hi or lo) + 1)
     return list(dict.fromkeys(seeds))   # each seed once, in the order given
@@ -186,7 +186,8 @@ def resolved(cfg):
 DEFAULTS = {a.dest: a.default for a in options.parser()._actions if a.dest != "help"}   # train.py's defaults
 
 def check_budgets(args):
-    """Refuse before any work if finished runs disagree with each other or with this command.
+    """Refuse before any work if the runs already in the folders, finished or not, disagree with each
+    other or with this command.
     -> the config the comparison uses (None if --only_report finds no finished run)"""
     want = None
     for s in args.samplers:
@@ -194,15 +195,21 @@ def check_budgets(args):
             d = run_dir(args.out, s, seed)
             if not args.only_report:
                 want = resolved(vars(options.get_args(train_argv(args, s, seed) + ["--overwrite"])))
-            if not os.path.exists(os.path.join(d, "summary.json")):
+            finished = os.path.exists(os.path.join(d, "summary.json"))
+            # a finished run is reported, an unfinished one continued: each must be a run of this comparison
+            if not finished and (args.only_report or not os.path.exists(os.path.join(d, "config.json"))):
                 continue
-            with open(os.path.join(d, "config.json")) as f:   # an option newer than the run: it ran with the default
-                have = resolved(dict(DEFAULTS, **json.load(f)))
+            try:
+                with open(os.path.join(d, "config.json")) as f:   # an option newer than the run: it ran with the default
+                    have = resolved(dict(DEFAULTS, **json.load(f)))
+            except (ValueError, TypeError) as e:
+                die(f"{d}/config.json is damaged ({e}) -- move the folder aside, or pass another --out")
             want = want or have     # --only_report: the first finished run sets the budget
             online = want.get("mode") == "online"   # online DPO has no iterations and one pass: those keys do not matter
             diff = [k for k in budget_keys() if have.get(k) != want.get(k) and not (online and k in ("iterations", "epochs"))]
             if diff:
-                die(f"mismatched budgets: {d} was run with " + ", ".join(f"{k}={have.get(k)!r}" for k in diff) +
+                die(f"mismatched budgets: {d} was {'run' if finished else 'started (unfinished)'} with " +
+                    ", ".join(f"{k}={have.get(k)!r}" for k in diff) +
                     " but this comparison uses " + ", ".join(f"{k}={want.get(k)!r}" for k in diff) +
                     " -- pass the same arguments after --, or another --out")
     return want
@@ -493,7 +500,7 @@ def main(argv=None):
     if args.commands:
         for p in pts:
             for _, _, argv in pending(p):
-                print(shlex.join(["cd", HERE]) + " && " + shlex.join(["python", "train.py", *absolute(argv)]))
+                print(shlex.join(["cd", HERE]) + " && " + shlex.join([sys.executable, "train.py", *absolute(argv)]))
         return []
     failed = [] if args.only_report else run_all([run for p in pts for run in pending(p)], args.jobs)
     done = []

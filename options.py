@@ -9,6 +9,7 @@ one typed for a sampler that cannot use it is refused.
 """
 import argparse
 import json
+import math
 import os
 
 import torch
@@ -21,6 +22,9 @@ from ddp import die
 from dpo import LOSSES
 
 SAMPLER_OPTIONS = "sampler options (each for the samplers that take it)"
+# Below this, sampling is greedy in all but name: a token 1 nat less likely than the best one is drawn
+# e^-10 times as often at 0.1, so the two responses of a pair are nearly always the same.
+MIN_TEMPERATURE = 0.1
 
 def sampler_options():
     """The options of the parser's sampler-options group: each sampler takes those it names."""
@@ -55,7 +59,7 @@ def parser():
     g.add_argument("--epochs", type=int, default=2, help="iterative: passes over each round's pairs")
     g.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
     g.add_argument("--max_new_tokens", type=int, default=32, help="longest response")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the training pairs, above 0 (evaluation samples at 1)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the training pairs, 0.1 or more (evaluation samples at 1)")
     g = p.add_argument_group("models and data (unless named: the embedded world, built offline on first use)")
     g.add_argument("--world", default=world.DEFAULT_DIR, help="where the embedded world is cached")
     g.add_argument("--policy", default=None, help="reference / initial policy: causal LM name or folder")
@@ -75,12 +79,15 @@ def parser():
     g.add_argument("--eval_samples", type=int, default=8, help="policy samples per held-out prompt")
     g.add_argument("--save_every", type=int, default=512, help="checkpoint after every this many labels (and at start and end)")
     g.add_argument("--out", default=None, help="run folder (default out/<sampler>-<mode>-s<seed>)")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    g.add_argument("--overwrite", action="store_true", help="start again in a folder that holds a run; the old run is "
+                   "moved aside to <out>.replaced-N, never deleted (its labels were paid for)")
     g.add_argument("--resume", default=None, metavar="RUN", help="continue the run in this folder from its last checkpoint, with its saved options")
     g.add_argument("--seed", type=int, default=0, help="seeds prompts, sampling, labels and init")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights")
     return p
+
+DEFAULTS = {a.dest: a.default for a in parser()._actions if a.dest != "help"}   # every option, with its default
 
 def typed(argv):
     """The options actually typed in argv (no defaults), as a dict."""
@@ -103,7 +110,15 @@ def get_args(argv=None):
             die(f"--{k} is an option of --sampler {' and '.join(takers)}, which --sampler {args.sampler} cannot use "
                 f"-- leave it out")
     args.out = args.out or os.path.join("out", f"{args.sampler}-{args.mode}-s{args.seed}")
+    if args.from_pairs and inside(args.from_pairs, args.out):
+        die(f"--from_pairs {args.from_pairs} is inside --out {args.out}, whose pairs.jsonl the run writes -- "
+            f"pass another --out")
     return args
+
+def inside(path, folder):
+    """Is `path` in `folder` (or below it)?"""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
 
 def check(args, fail=die):
     """Every check that needs no file opened; `fail` says what is wrong, in one line."""
@@ -111,13 +126,17 @@ def check(args, fail=die):
                  "eval_samples", "save_every"]:
         if getattr(args, name) <= 0:
             fail(f"--{name} must be positive (got {getattr(args, name)})")
+    for name in ["beta", "lr", "temperature", "xpo_alpha"]:
+        if not math.isfinite(getattr(args, name)):
+            fail(f"--{name} must be a finite number (got {getattr(args, name)})")
     if args.beta <= 0:
         fail(f"--beta must be > 0 (got {args.beta}); the paper uses 0.1")
     if args.lr <= 0 or args.temperature < 0 or args.xpo_alpha < 0:
         fail("--lr must be > 0, --temperature and --xpo_alpha >= 0")
-    if args.temperature == 0:
-        fail("--temperature 0 decodes greedily, so both responses of a pair would be the same and every label "
-             "wasted -- use a temperature above 0 (the default is 1; evaluation always samples at 1)")
+    if args.temperature < MIN_TEMPERATURE:
+        fail(f"--temperature {args.temperature} samples (almost) greedily, so both responses of a pair would be the "
+             f"same and every label wasted -- use {MIN_TEMPERATURE} or more (the default is 1; evaluation always "
+             f"samples at 1)")
     if args.n < 2:
         fail("--n must be at least 2: best_of_n and t_pilaf label two of n candidates")
     if args.sampler == "t_pilaf" and args.n % 2:

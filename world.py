@@ -33,14 +33,17 @@ import random
 import shutil
 import tempfile
 
+import tokenizers
 import torch
 import torch.nn.functional as F
+import transformers
 from tqdm import tqdm
 
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 # -----------------------------------------------------------------------------
-# settings of the embedded world; changing any of them rebuilds it (the cache key is their hash)
+# settings of the embedded world; changing any of them (or the version of torch, transformers or
+# tokenizers) rebuilds it: the cache key is their hash
 WORLD = dict(
     version=2,          # bump when the task or the training code changes
     seed=0,             # one seed for everything the build draws
@@ -264,10 +267,14 @@ def build(out_dir, cfg=WORLD):
     rm_tok.save_pretrained(os.path.join(out_dir, "oracle"))
     DatasetDict(train=Dataset.from_dict(cols(train)), test=Dataset.from_dict(cols(test))).save_to_disk(os.path.join(out_dir, "prompts"))
     with open(os.path.join(out_dir, "world.json"), "w") as f:
-        json.dump(dict(settings=cfg, key=world_key(cfg)), f, indent=1)
+        json.dump(dict(settings=cfg, versions=versions(), key=world_key(cfg)), f, indent=1)
+
+def versions():
+    """The libraries whose numbers the build depends on: another version trains another world."""
+    return dict(torch=torch.__version__, transformers=transformers.__version__, tokenizers=tokenizers.__version__)
 
 def world_key(cfg=WORLD):
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(dict(cfg, versions=versions()), sort_keys=True).encode()).hexdigest()[:12]
 
 def ensure(out_dir=DEFAULT_DIR, cfg=WORLD):
     """The embedded world's folder, built first if missing or built from other settings. One process

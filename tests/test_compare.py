@@ -3,6 +3,7 @@ its statistics checked by hand on fabricated run folders."""
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -118,7 +119,7 @@ def test_statistics_by_hand(tmp_path):
 
 def test_seeds_take_ranges(capsys):
     assert compare.get_args(["--seeds", "0-3", "7", "2"]).seeds == [0, 1, 2, 3, 7]
-    for bad in ("0-x", "3-1", "-2", "a"):
+    for bad in ("0-x", "3-1", "-2", "a", "0-"):
         with pytest.raises(SystemExit) as e:
             compare.get_args(["--seeds", bad])
         assert e.value.code == 2 and "is neither a seed nor a range like 0-9" in capsys.readouterr().err
@@ -318,7 +319,7 @@ def test_commands_prints_exactly_the_missing_runs(tiny_world, tmp_path, capsys):
     capsys.readouterr()
     compare.main(["--commands"] + argv)
     cmds = capsys.readouterr().out.strip().splitlines()
-    assert len(cmds) == 4 and all(c.startswith(f"cd {compare.HERE} && python train.py ") for c in cmds), cmds
+    assert len(cmds) == 4 and all(c.startswith(f"cd {compare.HERE} && {sys.executable} train.py ") for c in cmds), cmds
     assert cmds[0].endswith(f"--resume {os.path.abspath(os.path.join(out, 'vanilla-s0'))}")
     assert [c.split("--out ")[1] for c in cmds[1:]] == [os.path.abspath(os.path.join(out, n))
                                                         for n in ("pilaf-s0", "vanilla-s1", "pilaf-s1")]
@@ -340,6 +341,19 @@ def test_sweep_options_fail_in_one_line(argv, match, tmp_path, capsys):
         compare.main(argv + ["--out", str(tmp_path / "cmp")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and match in err, err
+
+def test_an_unfinished_run_of_another_budget_is_refused(tmp_path, capsys):
+    """An interrupted --labels 128 run in the folder of a --labels 256 comparison would be continued with
+    its own budget and reported beside the others: refused before anything runs."""
+    out = str(tmp_path / "cmp")
+    fake_run(out, "vanilla", 0, [0.0, 0.2, 0.4], budget=32)
+    os.remove(os.path.join(out, "vanilla-s0", "summary.json"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--samplers", "vanilla", "--seeds", "0", "--out", out, "--", "--labels", "64"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "started (unfinished) with labels=32" in err, err
+    assert not os.path.exists(os.path.join(out, "vanilla-s0", "train.log"))       # nothing ran
 
 def test_commands_for_a_folder_of_another_budget_is_refused(tmp_path, capsys):
     out = str(tmp_path / "cmp")

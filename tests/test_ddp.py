@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import torch
+
 from test_resume import TIMINGS, weights
 from test_train import read_jsonl, world_args
 
@@ -41,9 +43,11 @@ def test_two_processes_spend_exactly_the_budget(tiny_world, tmp_path):
 
 def test_one_dpo_update_is_the_same_on_two_processes(tiny_world, tmp_path):
     """One DPO step on 16 fixed pairs: each of 2 ranks takes 8 and DDP averages their gradients, which
-    must give the weights a single process gets from all 16, to float rounding. (AdamW's first step
-    divides each gradient by its own size, so rounding is amplified where a gradient is near 0: 5e-7
-    measured at the default lr, while every weight moves by about lr = 3e-4.)"""
+    must move the weights as a single process does from all 16, to float rounding. Compared as whole
+    updates, relative to the update's size: AdamW's first step divides each gradient by its own
+    magnitude, so a weight whose gradient is near 0 can turn a rounding difference of the sums into a
+    sizeable part of its step, but such weights are few, and every other weight moves by about lr
+    either way. A rank training on its own share alone changes a large part of the update's signs."""
     src = str(tmp_path / "src")
     assert launch(["--labels", "16", "--batch_size", "16", "--out", src] + SMALL + world_args(tiny_world), 0).returncode == 0
     runs = {}
@@ -54,11 +58,11 @@ def test_one_dpo_update_is_the_same_on_two_processes(tiny_world, tmp_path):
         assert p.returncode == 0, p.stderr[-3000:]
         runs[nproc] = weights(out)
     ref = weights(tiny_world)
-    one, two = runs[0], runs[2]
-    assert max((one[k] - ref[k]).abs().max().item() for k in ref) > 1e-4                # the step moved the weights (AdamW: about lr = 3e-4)
-    diff = max((one[k] - two[k]).abs().max().item() for k in one)
-    print(f"max weight difference, 2 processes against 1: {diff:.2e}")
-    assert diff < 1e-6
+    one, two = (torch.cat([(w[k] - ref[k]).flatten() for k in sorted(ref)]) for w in (runs[0], runs[2]))
+    assert one.abs().max().item() > 1e-4                                   # the step moved the weights (AdamW: about lr = 3e-4)
+    diff = ((two - one).norm() / one.norm()).item()
+    print(f"|update(2 processes) - update(1)| / |update(1)| = {diff:.1e}")
+    assert diff < 1e-3
 
 def test_a_batch_that_does_not_split_exits_in_one_line(tiny_world, tmp_path):
     out = str(tmp_path / "run")

@@ -300,9 +300,88 @@ def test_a_full_disk_stops_in_one_line_and_the_run_resumes_exactly(tiny_world, u
 
 # ---- settings that would waste paid labels
 
-def test_greedy_training_pairs_are_refused(tiny_world, capsys, tmp_path):
-    bad(["--temperature", "0", "--out", str(tmp_path / "run")] + world_args(tiny_world), capsys,
-        "--temperature 0 decodes greedily")
+@pytest.mark.parametrize("argv,match", [
+    (["--temperature", "0"], "--temperature 0.0 samples (almost) greedily"),
+    (["--temperature", "1e-9"], "--temperature 1e-09 samples (almost) greedily"),
+    (["--temperature", "nan"], "--temperature must be a finite number (got nan)"),
+    (["--beta", "nan"], "--beta must be a finite number (got nan)"),
+    (["--beta", "inf"], "--beta must be a finite number (got inf)"),
+    (["--lr", "nan"], "--lr must be a finite number (got nan)"),
+    (["--sampler", "hybrid", "--xpo_alpha", "inf"], "--xpo_alpha must be a finite number (got inf)"),
+])
+def test_settings_that_waste_every_label_are_refused(argv, match, tiny_world, capsys, tmp_path):
+    """Greedy sampling makes both responses of a pair the same (every label a tie); a non-finite number
+    turns the loss or the sampling distribution into NaN."""
+    bad(argv + ["--out", str(tmp_path / "run")] + world_args(tiny_world), capsys, match)
+    assert not os.path.exists(tmp_path / "run")
+
+# ---- nothing paid for is destroyed, and a folder that is not a run is never written
+
+def test_overwrite_moves_the_old_run_aside(tiny_world, capsys, tmp_path):
+    """--overwrite starts again in a folder that holds a run; the old run, labels and all, is kept
+    whole in <out>.replaced-1 (and the next one in .replaced-2), never deleted."""
+    out = str(tmp_path / "run")
+    train.main(["--out", out] + MICRO + world_args(tiny_world))
+    first = {f: open(os.path.join(out, f)).read() for f in ("pairs.jsonl", "metrics.jsonl", "config.json")}
+    capsys.readouterr()
+    train.main(["--out", out, "--overwrite", "--seed", "1"] + MICRO + world_args(tiny_world))
+    assert f"note: --overwrite: the run that was in {out} is kept in {out}.replaced-1" in capsys.readouterr().out
+    assert {f: open(os.path.join(out + ".replaced-1", f)).read() for f in first} == first
+    assert os.path.exists(os.path.join(out + ".replaced-1", "summary.json"))
+    assert json.load(open(os.path.join(out, "config.json")))["seed"] == 1
+    assert open(os.path.join(out, "pairs.jsonl")).read() != first["pairs.jsonl"]
+    train.main(["--out", out, "--overwrite"] + MICRO + world_args(tiny_world))
+    assert os.path.exists(os.path.join(out + ".replaced-2", "summary.json"))
+
+def test_from_pairs_never_reads_the_folder_it_writes(tiny_world, capsys, tmp_path):
+    """--from_pairs R/pairs.jsonl --out R --overwrite would replace the very labels it trains on."""
+    out = str(tmp_path / "run")
+    train.main(["--out", out] + MICRO + world_args(tiny_world))
+    before = open(os.path.join(out, "pairs.jsonl")).read()
+    bad(["--out", out, "--overwrite", "--from_pairs", os.path.join(out, "pairs.jsonl"), "--beta", "0.2"] + MICRO
+        + world_args(tiny_world), capsys, "is inside --out")
+    assert open(os.path.join(out, "pairs.jsonl")).read() == before and not os.path.exists(out + ".replaced-1")
+
+def test_a_folder_that_is_not_a_run_is_never_written(tiny_world, capsys, tmp_path):
+    """A copy of the world cache, a saved model folder, a file, a folder of someone's notes: refused
+    in one line, --overwrite or not, and left exactly as it was (not even a lock file)."""
+    cache = str(tmp_path / "world")
+    shutil.copytree(tiny_world, cache)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    for out, match in ((cache, "holds files that are not a run's (oracle, prompts, world.json)"),
+                       (os.path.join(cache, "policy"), "holds files that are not a run's"),
+                       (os.path.join(cache, "world.json"), "is a file"), (str(notes), "(todo.txt)")):
+        for extra in ([], ["--overwrite"]):
+            before = {os.path.join(d, f): open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(cache) for f in fs}
+            bad(["--out", out] + extra + MICRO + world_args(tiny_world), capsys, match)
+            after = {os.path.join(d, f): open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(cache) for f in fs}
+            assert before == after and os.listdir(notes) == ["todo.txt"]
+    model = tmp_path / "model"                       # a config.json alone that is a model's, not a run's options
+    model.mkdir()
+    (model / "config.json").write_text(open(os.path.join(cache, "policy", "config.json")).read())
+    bad(["--out", str(model), "--overwrite"] + MICRO + world_args(tiny_world), capsys, "not a run's options")
+    assert os.listdir(model) == ["config.json"]
+
+def test_a_folder_removed_under_a_stopped_run_is_never_written_by_it(tiny_world, tmp_path):
+    """A run stopped (SIGSTOP), its folder deleted and a new run started there: the new run has the
+    folder to itself; the old one, continued (SIGCONT), stops in one line at its next write."""
+    out = str(tmp_path / "run")
+    old = start_train(STOP_ARGV + world_args(tiny_world) + ["--out", out])
+    while lines(os.path.join(out, "pairs.jsonl")) < 16 and old.poll() is None:
+        time.sleep(0.002)
+    old.send_signal(signal.SIGSTOP)
+    shutil.rmtree(out)
+    new = run_train(["--seed", "1", "--out", out] + MICRO + world_args(tiny_world))
+    assert new.returncode == 0, new.stderr[-2000:]
+    done = {f: open(os.path.join(out, f)).read() for f in ("pairs.jsonl", "metrics.jsonl", "config.json", "checkpoint.json")}
+    old.send_signal(signal.SIGCONT)
+    _, err = old.communicate(timeout=600)
+    last = err.strip().splitlines()[-1]
+    assert old.returncode == 1 and "Traceback" not in err and f"{out} was removed or replaced" in last, err[-2000:]
+    assert done == {f: open(os.path.join(out, f)).read() for f in done}
+    assert json.load(open(os.path.join(out, "config.json")))["seed"] == 1
 
 def test_a_policy_that_blows_up_stops_in_one_line_with_a_finite_checkpoint(tiny_world, tmp_path):
     out = str(tmp_path / "run")
