@@ -4,7 +4,8 @@ What sampling and a DPO step cost, measured side by side (in the tradition of na
     (a) tokens/s of sample.generate against Hugging Face model.generate(do_sample=True, top_k=0), one model
     (b) a PILAF pair batch against a Vanilla pair batch: wall time, next to Table 1's 3/2 = 1.5; and the
         same batches' model calls alone, the floor under any loop that keeps the models' own forward
-    (c) pi+ decoding with the KV cache against a loop that re-reads the whole prefix through both models;
+    (c) pi+ decoding with the KV cache against sample.slow_generate, the plain loop that re-reads the
+        whole prefix through both models (the loop generate must equal);
         and one step of each at the mean prefix, to show what the cache saves in work against in time
     (d) one DPO step (policy forward + backward, reference forward): peak memory and time, ours against
         the textbook version (full logits over prompt and response, a float32 log_softmax, two forwards),
@@ -33,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +43,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import dpo
 import pilaf
-from sample import draw, generate
+import errors
+from sample import generate, positions, slow_generate
 
 # -----------------------------------------------------------------------------
 # the shapes measured; GPT-2 small's DPO step keeps 2 of its 12 layers (the vocabulary is what matters there)
@@ -56,9 +59,7 @@ SIZES = dict(
 BETA = 0.1
 NO_EOS = -1   # an id no model emits: every row decodes the full length
 
-def die(msg):
-    print(f"bench.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
+die = partial(errors.die, prog="bench.py")   # bad input: one line naming the fix, exit code 2
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Sampling and DPO-step cost, side by side.",
@@ -113,17 +114,6 @@ def gen_kw(new, seed, device):
     return dict(max_new_tokens=new, eos_id=NO_EOS, pad_id=0, temperature=1.0,
                 generator=torch.Generator(device).manual_seed(seed))
 
-@torch.no_grad()
-def nocache_generate(models, coefs, ids, mask, new, generator):
-    """The loop without a KV cache: every token re-reads the whole prefix through every model."""
-    for _ in range(new):
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        hs = [m(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float() for m in models]
-        z = sum(c * F.log_softmax(h, -1) for c, h in zip(coefs, hs))
-        tok = draw(F.softmax(z, -1), generator)
-        ids, mask = torch.cat([ids, tok[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    return ids
-
 @torch.inference_mode()
 def calls(steps, ids, mask, new):
     """A decode loop's model calls and nothing else (token 0 fed back, no mixing, no draw): the floor under
@@ -131,7 +121,7 @@ def calls(steps, ids, mask, new):
     B, P = ids.shape
     caches = [None] * len(steps)
     attn = torch.cat([mask, torch.ones(B, new, dtype=mask.dtype, device=mask.device)], 1)   # (B, P + new)
-    x, pos = ids, (mask.cumsum(-1) - 1).clamp(min=0)
+    x, pos = ids, positions(mask)
     for t in range(new):
         for i, (m, r) in enumerate(steps):
             caches[i] = m(input_ids=x[r], attention_mask=attn[r, :P + t], position_ids=pos[r], cache=caches[i],
@@ -182,8 +172,8 @@ def bench_sampling(size, args):
     ids, mask = prompts(S["nocache_prompts"], S["prompt_len"], V, dev)
     new = lambda warm: 2 if warm else S["nocache_new"]
     t = race({"cache": lambda warm: generate([pol, ref], (1 + BETA, -BETA), ids, mask, **gen_kw(new(warm), 0, dev)),
-              "nocache": lambda warm: nocache_generate([pol, ref], (1 + BETA, -BETA), ids, mask, new(warm),
-                                                       torch.Generator(dev).manual_seed(0))}, slow_reps(size, args), dev)
+              "nocache": lambda warm: slow_generate([pol, ref], (1 + BETA, -BETA), ids, mask, new(warm), NO_EOS, 0,
+                                                    generator=torch.Generator(dev).manual_seed(0))}, slow_reps(size, args), dev)
     yield (size, f"(c) pi+ with KV cache / without, {S['nocache_prompts']} prompts x {S['nocache_new']} tokens",
                  f"{t['cache']:8.3f} s", f"{t['nocache']:8.3f} s", t["nocache"] / t["cache"], "")
     # why the gap is what it is: one step of each loop at the mean prefix, the policy alone. Without a cache the
@@ -191,7 +181,7 @@ def bench_sampling(size, args):
     # wherever a forward on few rows cannot keep the arithmetic units busy
     L = S["prompt_len"] + S["nocache_new"] // 2
     ids, mask = prompts(S["nocache_prompts"], L, V, dev, seed=1)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pos = positions(mask)
     with torch.inference_mode():
         cache = pol(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], use_cache=True).cache
     k = 10   # steps a repetition: one step alone is too short to time
@@ -215,7 +205,7 @@ def bench_sampling(size, args):
 def full_logits_logps(m, prompt_ids, prompt_mask, resp_ids, resp_mask):
     """Logits at every position, a float32 log_softmax over all of them, then the response tokens."""
     ids, attn = torch.cat([prompt_ids, resp_ids], 1), torch.cat([prompt_mask, resp_mask], 1)
-    logits = m(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits
+    logits = m(input_ids=ids, attention_mask=attn, position_ids=positions(attn)).logits
     lp = F.log_softmax(logits.float(), -1)[:, prompt_ids.shape[1] - 1:-1]
     return (lp.gather(2, resp_ids[:, :, None]).squeeze(-1) * resp_mask).sum(-1)
 

@@ -16,7 +16,6 @@ batch's pairs (DDP averages the gradients of their shares), and rank 0 alone wri
 gloo on a CPU (so the tests cover it), nccl on GPUs.
 """
 import os
-import sys
 from datetime import timedelta
 
 import torch
@@ -98,20 +97,6 @@ def mean(d):
 
 def seed(s):
     return s + rank * SEED_STRIDE
-
-def die(msg):
-    """Bad input: one line naming the fix, exit code 2 (like argparse), nothing else."""
-    leave(f"train.py: error: {msg}", 2)
-
-def leave(line, code):
-    """End the run with one line on stderr and `code`. Under torchrun every rank comes to the same end
-    (the checks are the same on every rank): rank 0 says it and exits with the code, which becomes
-    the job's; the others leave quietly with 0, since torchrun stops the whole job as soon as one
-    rank exits with an error, and would stop rank 0 before its line was out."""
-    if os.environ.get("RANK", "0") == "0":
-        print(line, file=sys.stderr)
-        sys.exit(code)
-    sys.exit(0)
 
 def close(run):
     """Every rank leaves together. DDP's reducer goes first, while the group lives (freed at exit it

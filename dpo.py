@@ -16,20 +16,21 @@ The implicit rewards, accuracy and margin mean the same under all three.
 import torch
 import torch.nn.functional as F
 
+from sample import positions
+
 def response_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
     """Logits predicting each response token, teacher-forced in one forward pass. -> (B, L, V), at least float32
 
     prompt_ids/mask: (B, P) left-padded; resp_ids/mask: (B, L) right-padded (EOS counted, padding not).
-    Positions come from the attention mask, as in sample.generate, so the numbers match sampling.
+    Positions come from the attention mask by sample.positions, as in sampling, so the numbers match.
     """
     ids = torch.cat([prompt_ids, resp_ids], dim=1)                 # (B, P+L)
     attn = torch.cat([prompt_mask, resp_mask], dim=1).long()       # (B, P+L)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
     L = resp_ids.shape[1]
     # Only the last L+1 positions reach the LM head (the prompt's last token predicts the first
     # response token; the final position predicts nothing): at a 50k vocabulary the prompt's logits
     # would be most of the step's memory, and no token of the prompt is scored.
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=L + 1).logits[:, :-1]  # (B, L, V)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn), logits_to_keep=L + 1).logits[:, :-1]  # (B, L, V)
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 def sequence_logps(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
@@ -69,9 +70,9 @@ def kl_estimates(policy, ref, prompt_ids, prompt_mask, resp_ids, resp_mask, chun
 def pair_logps(model, prompt_ids, prompt_mask, chosen, chosen_mask, rejected, rejected_mask):
     """Log-probs of chosen and rejected responses to the same prompts. -> (B,), (B,)
 
-    Two forwards rather than one over the 2B rows stacked: bench.py (d) measures the same time and
-    about three quarters of the peak memory at GPT-2's vocabulary (docs/performance.md), since each (B, L, V) block of logits and its
-    logsumexp exists for half the rows at a time, and neither response is padded to the other's length."""
+    Two forwards rather than one over the 2B rows stacked: each (B, L, V) block of logits and its
+    logsumexp exists for half the rows at a time, and neither response is padded to the other's length
+    (bench.py (d) measures the peak memory and time of both: docs/performance.md)."""
     return (sequence_logps(model, prompt_ids, prompt_mask, chosen, chosen_mask),
             sequence_logps(model, prompt_ids, prompt_mask, rejected, rejected_mask))
 

@@ -35,11 +35,11 @@ import load
 import pilaf
 import train
 import world
-from compare import mean_ci
 from dpo import log_ratio, pair_logps, sequence_logps
 from oracle import Oracle
 from pairs import decode, tokenize
 from sample import generate
+from stats import mean_ci
 
 SAMPLERS = ["vanilla", "pilaf", "t_pilaf", "best_of_n", "hybrid"]
 CHUNK = 256   # rows per forward and backward: the gradients are sums, taken a chunk at a time

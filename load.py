@@ -1,15 +1,14 @@
 """
 Loading: every model, tokenizer and data set a run reads by name, the embedded world's folders and
 the hub's alike (nothing is special-cased for the embedded world), each checked so that a bad name
-costs one line (exit 2) before anything heavy is read; and load(), which opens a run's whole set:
-reference and trained policy, tokenizer, oracle and labeller, prompts.
+costs one line (UserError: exit 2) before anything heavy is read; and load(), which opens a run's
+whole set: reference and trained policy, tokenizer, oracle and labeller, prompts.
 
 Loading never runs foreign code: weights are safetensors, every from_pretrained passes
 trust_remote_code=False, and a folder that asks for code of its own is refused.
 """
 import json
 import os
-import sys
 from types import SimpleNamespace
 
 import torch
@@ -18,9 +17,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 import pairs
 import world
-from ddp import die
-from oracle import Oracle, Person
-from world import WorldError
+from errors import UserError
+from oracle import LABELLERS, Oracle
 
 CODE_FILES = ("config.json", "tokenizer_config.json")   # where a Hugging Face folder can ask to run its own code
 
@@ -37,15 +35,15 @@ def _load(what, name, fn):
             except (OSError, ValueError):
                 asks = False            # unreadable: from_pretrained below says what is wrong with it
             if asks:
-                raise WorldError(f"{what} folder '{name}' asks to run code of its own (auto_map in {f}) -- loading "
-                                 f"never runs a folder's code; use a model of an architecture transformers has built in")
+                raise UserError(f"{what} folder '{name}' asks to run code of its own (auto_map in {f}) -- loading "
+                                f"never runs a folder's code; use a model of an architecture transformers has built in")
     try:
         return fn(name)
     except Exception as e:  # from_pretrained raises OSError, ValueError, HTTP errors... all mean "can't load"
         where = ("a folder written by save_pretrained / save_to_disk" if os.path.isdir(name)
                  else "a local folder, or download it first (no network here?)")
-        raise WorldError(f"cannot load {what} '{name}': {type(e).__name__}: {str(e).splitlines()[0][:200]} "
-                         f"-- pass {where}") from None
+        raise UserError(f"cannot load {what} '{name}': {type(e).__name__}: {str(e).splitlines()[0][:200]} "
+                        f"-- pass {where}") from None
 
 def context_length(config):
     """Positions a model can read (GPT-2 calls it n_positions, most others max_position_embeddings)."""
@@ -55,11 +53,11 @@ def check_name(what, name):
     """Fail early (before any weights are read) when a model folder is missing or unreadable."""
     looks_local = name.startswith((".", "/", "~")) or os.path.exists(name)
     if looks_local and not os.path.isfile(os.path.join(name, "config.json")):
-        raise WorldError(f"{what} folder '{name}' has no config.json -- pass a folder saved with save_pretrained, or a hub name")
+        raise UserError(f"{what} folder '{name}' has no config.json -- pass a folder saved with save_pretrained, or a hub name")
     cfg = _load(what, name, lambda n: AutoConfig.from_pretrained(n, trust_remote_code=False))
     if getattr(cfg, "auto_map", None):      # a hub model that asks for its own code (nothing of it was run)
-        raise WorldError(f"{what} '{name}' asks to run code of its own (auto_map in its config) -- loading never runs "
-                         f"a model's code; use a model of an architecture transformers has built in")
+        raise UserError(f"{what} '{name}' asks to run code of its own (auto_map in its config) -- loading never runs "
+                        f"a model's code; use a model of an architecture transformers has built in")
     return cfg
 
 def eos_ids(model, tok):
@@ -91,8 +89,8 @@ def load_oracle(name, dtype=torch.float32):
         tok.add_special_tokens({"pad_token": "<|pad|>"})
         model.resize_token_embeddings(len(tok))
     if model.config.num_labels != 1:
-        raise WorldError(f"oracle '{name}' has {model.config.num_labels} output labels -- a reward model gives one "
-                         f"score (num_labels=1); a classifier's class scores are not rewards")
+        raise UserError(f"oracle '{name}' has {model.config.num_labels} output labels -- a reward model gives one "
+                        f"score (num_labels=1); a classifier's class scores are not rewards")
     model.config.pad_token_id = tok.pad_token_id
     tok.truncation_side = "left"   # a text too long for the oracle loses the prompt's start, not the response
     n_ctx = context_length(model.config)
@@ -103,15 +101,15 @@ def load_oracle(name, dtype=torch.float32):
 def check_vocab(policy_tok, ref_tok):
     """pi± mix the two models' logits token by token, so the vocabularies must be the same."""
     if policy_tok.get_vocab() != ref_tok.get_vocab():
-        raise WorldError("policy and reference tokenizers differ -- PILAF mixes their logits token by token, "
-                         "so start the policy from a checkpoint of the reference model (same vocabulary)")
+        raise UserError("policy and reference tokenizers differ -- PILAF mixes their logits token by token, "
+                        "so start the policy from a checkpoint of the reference model (same vocabulary)")
 
 HH_SEP = "\n\nAssistant:"
 
 def _hh_prompt(text):
     """Anthropic HH-RLHF stores whole dialogues; the prompt is everything up to the last assistant turn."""
     if HH_SEP not in text:
-        raise WorldError(f"--prompt_format hh: a text has no {HH_SEP!r} turn -- use --prompt_format raw for plain prompts")
+        raise UserError(f"--prompt_format hh: a text has no {HH_SEP!r} turn -- use --prompt_format raw for plain prompts")
     return text[: text.rfind(HH_SEP) + len(HH_SEP)]
 
 def _imdb_prompt(text, n_words=8):
@@ -124,22 +122,22 @@ def load_prompts(name, column="prompt", fmt="raw", train_split="train", test_spl
     """(train prompts, test prompts) as lists of strings, from a saved DatasetDict folder or a hub name."""
     import datasets
     if fmt not in FORMATS:
-        raise WorldError(f"unknown prompt format '{fmt}' -- use one of {', '.join(FORMATS)}")
+        raise UserError(f"unknown prompt format '{fmt}' -- use one of {', '.join(FORMATS)}")
     loader = datasets.load_from_disk if os.path.isdir(name) else datasets.load_dataset
     ds = _load("prompt data set", name, loader)
     if not isinstance(ds, datasets.DatasetDict) or train_split not in ds or test_split not in ds:
         splits = list(ds) if isinstance(ds, datasets.DatasetDict) else "none"
-        raise WorldError(f"prompt data set '{name}' needs '{train_split}' and '{test_split}' splits (it has: {splits}) "
-                         f"-- save a DatasetDict with both, or pick them with --train_split/--test_split")
+        raise UserError(f"prompt data set '{name}' needs '{train_split}' and '{test_split}' splits (it has: {splits}) "
+                        f"-- save a DatasetDict with both, or pick them with --train_split/--test_split")
     out = []
     for split in (train_split, test_split):
         if column not in ds[split].column_names:
-            raise WorldError(f"prompt data set '{name}' has no column '{column}' in split '{split}' "
-                             f"(columns: {', '.join(ds[split].column_names)}) -- pass --prompt_column")
+            raise UserError(f"prompt data set '{name}' has no column '{column}' in split '{split}' "
+                            f"(columns: {', '.join(ds[split].column_names)}) -- pass --prompt_column")
         texts = ds[split][column]
         if not texts or not all(isinstance(t, str) for t in texts):
-            raise WorldError(f"split '{split}' of '{name}' must hold a non-empty column of strings in '{column}' "
-                             f"-- pick a text column with --prompt_column")
+            raise UserError(f"split '{split}' of '{name}' must hold a non-empty column of strings in '{column}' "
+                            f"-- pick a text column with --prompt_column")
         out.append([FORMATS[fmt](t) for t in texts])
     return out
 
@@ -155,60 +153,58 @@ def check_names(args):
     if args.prompts:
         return load_prompts(args.prompts, args.prompt_column, args.prompt_format, args.train_split, args.test_split)
     if args.prompt_column != world.PROMPT_COLUMN:
-        raise WorldError(f"the embedded world's prompts have no column '{args.prompt_column}' -- "
-                         f"leave out --prompt_column (it is '{world.PROMPT_COLUMN}'), or pass --prompts")
+        raise UserError(f"the embedded world's prompts have no column '{args.prompt_column}' -- "
+                        f"leave out --prompt_column (it is '{world.PROMPT_COLUMN}'), or pass --prompts")
     return None
 
 def scorer(args):
-    """The option naming the reward model that scores: --oracle, or with --oracle human --judge."""
-    return "judge" if args.oracle == "human" else "oracle"
+    """The option naming the reward model that scores: --oracle, or with a labeller of oracle.LABELLERS
+    (--oracle human) --judge."""
+    return "judge" if args.oracle in LABELLERS else "oracle"
 
 def load(args, start_from=None):
     """Reference policy, trained policy (from `start_from`, --init_from or the reference), tokenizer,
     oracle (the reward model that scores: --oracle, or --judge), labeller (that oracle, or a person),
     prompts, the ids that end a response, and --from_pairs' pairs. Options naming the embedded world's
-    parts are set to its folders. Bad names exit 2 with one line."""
+    parts are set to its folders. A bad name raises UserError (one line, exit 2)."""
     transformers.logging.disable_progress_bar()   # our own bar is enough
-    try:
-        prompts = check_names(args)
-        rm = scorer(args)
-        if None in (args.policy, getattr(args, rm), args.prompts):
-            if args.policy:   # a hub policy with the toy world's oracle and prompts is rarely what was meant
-                missing = [k for k in (rm, "prompts") if getattr(args, k) is None]
-                print(f"note: --policy given without --{' or --'.join(missing)}: using the embedded world's "
-                      f"{' and '.join(missing)} (from {args.world})")
-            wdir = world.ensure(args.world)
-            args.policy = args.policy or os.path.join(wdir, "policy")
-            setattr(args, rm, getattr(args, rm) or os.path.join(wdir, "oracle"))
-            args.prompts = args.prompts or os.path.join(wdir, "prompts")
-        cfg = check_name("policy", args.policy)
-        train_prompts, test_prompts = prompts or load_prompts(args.prompts, args.prompt_column, args.prompt_format,
-                                                              args.train_split, args.test_split)
-        tok = load_policy_tokenizer(args.policy)
-        source = pairs.read(args.from_pairs, cfg.vocab_size, args.labels) if args.from_pairs else None
-        if source is not None:
-            beta_note(args)
-        train_prompts, test_prompts = fit_context(args, tok, cfg, *without_empty(train_prompts, test_prompts))
-        if args.eval_prompts > len(test_prompts) and args.eval_prompts != EVAL_PROMPTS:
-            print(f"note: --eval_prompts {args.eval_prompts} is more than the {len(test_prompts)} held-out prompts: "
-                  f"evaluating on all {len(test_prompts)}")
-        dtype = getattr(torch, args.dtype)
-        ref, _ = load_policy(args.policy, dtype)
-        # the trained weights stay float32 (bf16 would round most AdamW steps away); bf16 = autocast in the stages
-        policy, pol_tok = load_policy(start_from or args.init_from or args.policy)
-        check_vocab(pol_tok, tok)
-        orm, orm_tok = load_oracle(getattr(args, rm), dtype)
-        if args.oracle_format == "chat" and not getattr(orm_tok, "chat_template", None):
-            raise WorldError(f"--oracle_format chat: the tokenizer of '{getattr(args, rm)}' has no chat template "
-                             f"-- use --oracle_format plain (or auto)")
-    except WorldError as e:
-        die(str(e))
+    prompts = check_names(args)
+    rm = scorer(args)
+    if None in (args.policy, getattr(args, rm), args.prompts):
+        if args.policy:   # a hub policy with the toy world's oracle and prompts is rarely what was meant
+            missing = [k for k in (rm, "prompts") if getattr(args, k) is None]
+            print(f"note: --policy given without --{' or --'.join(missing)}: using the embedded world's "
+                  f"{' and '.join(missing)} (from {args.world})")
+        wdir = world.ensure(args.world)
+        args.policy = args.policy or os.path.join(wdir, "policy")
+        setattr(args, rm, getattr(args, rm) or os.path.join(wdir, "oracle"))
+        args.prompts = args.prompts or os.path.join(wdir, "prompts")
+    cfg = check_name("policy", args.policy)
+    train_prompts, test_prompts = prompts or load_prompts(args.prompts, args.prompt_column, args.prompt_format,
+                                                          args.train_split, args.test_split)
+    tok = load_policy_tokenizer(args.policy)
+    source = pairs.read(args.from_pairs, cfg.vocab_size, args.labels) if args.from_pairs else None
+    if source is not None:
+        beta_note(args)
+    train_prompts, test_prompts = fit_context(args, tok, cfg, *without_empty(train_prompts, test_prompts))
+    if args.eval_prompts > len(test_prompts) and args.eval_prompts != EVAL_PROMPTS:
+        print(f"note: --eval_prompts {args.eval_prompts} is more than the {len(test_prompts)} held-out prompts: "
+              f"evaluating on all {len(test_prompts)}")
+    dtype = getattr(torch, args.dtype)
+    ref, _ = load_policy(args.policy, dtype)
+    # the trained weights stay float32 (bf16 would round most AdamW steps away); bf16 = autocast in the stages
+    policy, pol_tok = load_policy(start_from or args.init_from or args.policy)
+    check_vocab(pol_tok, tok)
+    orm, orm_tok = load_oracle(getattr(args, rm), dtype)
+    if args.oracle_format == "chat" and not getattr(orm_tok, "chat_template", None):
+        raise UserError(f"--oracle_format chat: the tokenizer of '{getattr(args, rm)}' has no chat template "
+                        f"-- use --oracle_format plain (or auto)")
     oracle = Oracle(orm.to(args.device), orm_tok, fmt=args.oracle_format, how=args.label)   # or the judge
     return SimpleNamespace(ref=ref.to(args.device).requires_grad_(False),
                            policy=policy.to(args.device),   # stays in eval mode: no dropout, so policy == ref gives loss log 2
                            tok=tok, eos=eos_ids(ref, tok), source=source, oracle=oracle,
-                           # the labeller: the oracle, or a person at this terminal (a fork's API labeller: one more line)
-                           labeller=Person(sys.stdin, sys.stdout, oracle, args.labels) if args.oracle == "human" else oracle,
+                           # the labeller: the oracle, or one of oracle.LABELLERS (a person at this terminal) with it as judge
+                           labeller=LABELLERS[args.oracle](oracle, args) if args.oracle in LABELLERS else oracle,
                            train_prompts=train_prompts, test_prompts=test_prompts[:args.eval_prompts])
 
 def beta_note(args):
@@ -230,7 +226,7 @@ def without_empty(train_prompts, test_prompts):
     kept = [[p for p in ps if p.strip()] for ps in (train_prompts, test_prompts)]
     for name, ps, k in zip(("training", "held-out"), (train_prompts, test_prompts), kept):
         if not k:
-            raise WorldError(f"every {name} prompt is empty -- pick the column that holds them with --prompt_column")
+            raise UserError(f"every {name} prompt is empty -- pick the column that holds them with --prompt_column")
         if len(k) < len(ps):
             print(f"note: leaving out {len(ps) - len(k)} empty {name} prompts")
     return kept
@@ -242,8 +238,8 @@ def fit_context(args, tok, cfg, train_prompts, test_prompts):
     room = n_ctx - args.max_new_tokens
     shortest = max(min(ls) for ls in lens)      # each split needs one prompt that fits
     if shortest > room:
-        raise WorldError(f"--max_new_tokens {args.max_new_tokens} leaves no room for the prompts in the policy's "
-                         f"context ({n_ctx} tokens) -- lower --max_new_tokens to {n_ctx - shortest} or less")
+        raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for the prompts in the policy's "
+                        f"context ({n_ctx} tokens) -- lower --max_new_tokens to {n_ctx - shortest} or less")
     dropped = sum(n > room for ls in lens for n in ls)
     if dropped:   # long dialogues (HH-RLHF) would overflow GPT-2's positions: leave them out, and say so
         print(f"note: leaving out {dropped} prompts longer than {room} tokens (the context minus --max_new_tokens)")

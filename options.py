@@ -4,8 +4,8 @@ checks that turn bad input into one line naming the fix (exit 2, like argparse) 
 built, any weights load or anything is written. compare.py reads the same parser.
 
 A sampler's own options (best_of_n's --n) sit in the "sampler options" group: a sampler takes them
-as keyword parameters of the same names (pilaf.options), train.py passes each sampler its own, and
-one typed for a sampler that cannot use it is refused.
+as keyword parameters of the same names (pilaf.OPTIONS says whose), train.py passes each sampler its
+own, and one typed for a sampler that cannot use it is refused.
 """
 import argparse
 import json
@@ -18,8 +18,9 @@ import ddp
 import load
 import pilaf
 import world
-from ddp import die
 from dpo import LOSSES
+from errors import die
+from oracle import LABELLERS
 
 SAMPLER_OPTIONS = "sampler options (each for the samplers that take it)"
 # Below this, sampling is greedy in all but name: a token 1 nat less likely than the best one is drawn
@@ -27,9 +28,8 @@ SAMPLER_OPTIONS = "sampler options (each for the samplers that take it)"
 MIN_TEMPERATURE = 0.1
 
 def sampler_options():
-    """The options of the parser's sampler-options group: each sampler takes those it names."""
-    (g,) = [g for g in parser()._action_groups if g.title == SAMPLER_OPTIONS]
-    return [a.dest for a in g._group_actions]
+    """Every sampler's own options (pilaf.OPTIONS): each sampler takes those it names."""
+    return sorted({k for opts in pilaf.OPTIONS.values() for k in opts})
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each default once: not where the help already names it, nor a default of None."""
@@ -64,8 +64,10 @@ def parser():
     g.add_argument("--world", default=world.DEFAULT_DIR, help="where the embedded world is cached")
     g.add_argument("--policy", default=None, help="reference / initial policy: causal LM name or folder")
     g.add_argument("--init_from", default=None, help="start the policy from this checkpoint instead (reference stays --policy)")
-    g.add_argument("--oracle", default=None, help="reward model (sequence classifier) name or folder; 'human': you label the pairs in this terminal")
-    g.add_argument("--judge", default=None, help="with --oracle human: the reward model that scores the evaluations and your agreement with it (default: the embedded world's oracle)")
+    g.add_argument("--oracle", default=None, help="reward model (sequence classifier) name or folder; or a labeller of oracle.LABELLERS: "
+                   "'human', you label the pairs in this terminal")
+    g.add_argument("--judge", default=None, help="with --oracle human (a labeller that is not a reward model): the reward model that "
+                   "scores the evaluations and your agreement with it (default: the embedded world's oracle)")
     g.add_argument("--oracle_format", default="auto", choices=["auto", "chat", "plain"], help="what the oracle reads: its chat template applied to [user: prompt, assistant: response], or prompt + ' ' + response; auto = chat when its tokenizer has a template")
     g.add_argument("--prompts", default=None, help="prompt data set: name or a saved DatasetDict folder")
     g.add_argument("--prompt_column", default="prompt", help="column holding the prompt text")
@@ -87,7 +89,9 @@ def parser():
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights")
     return p
 
-DEFAULTS = {a.dest: a.default for a in parser()._actions if a.dest != "help"}   # every option, with its default
+def defaults():
+    """Every option, with its default."""
+    return {a.dest: a.default for a in parser()._actions if a.dest != "help"}
 
 def typed(argv):
     """The options actually typed in argv (no defaults), as a dict."""
@@ -98,7 +102,7 @@ def typed(argv):
 
 def get_args(argv=None):
     """The run's options: parsed and checked, or with --resume RUN the options saved in RUN/config.json
-    (checked the same way). What the run folder holds is checked later, under its lock (checkpoint.claim)."""
+    (checked the same way). What the run folder holds is checked later, under its lock (folder.claim)."""
     args = parser().parse_args(argv)
     if args.resume:
         return resume_args(argv, args.resume)
@@ -156,10 +160,13 @@ def check(args, fail=die):
     if args.from_pairs and args.reference == "behavior":
         fail("--reference behavior anchors to the policy that sampled the pairs, which --from_pairs does not have "
              "-- use --reference initial")
-    if args.judge and args.oracle != "human":
+    if args.judge and args.oracle not in LABELLERS:
         fail("--judge scores the evaluations when a person labels (--oracle human); otherwise --oracle does -- leave out --judge")
-    if args.oracle == "human" and (procs > 1 or args.from_pairs):
-        fail("--oracle human labels in one terminal: run it with plain python train.py, without --from_pairs")
+    labeller = LABELLERS.get(args.oracle)
+    if labeller and labeller.terminal and (procs > 1 or args.from_pairs):
+        fail(f"--oracle {args.oracle} labels in one terminal: run it with plain python train.py, without --from_pairs")
+    if labeller and args.from_pairs:
+        fail(f"--from_pairs buys no label -- leave out --oracle {args.oracle}")
     if args.from_pairs and not os.path.isfile(args.from_pairs):
         fail(f"--from_pairs {args.from_pairs}: no such file -- pass the pairs.jsonl of a run")
 

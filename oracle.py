@@ -6,9 +6,11 @@ The labellers: who says which response of a pair is better. Every labeller has o
 with the prompts' texts, the two responses of each pair (pairs.Response: `.text`, and `.cut` for one
 that ran out of tokens before its end), one uniform u per pair from the run's label generator (a
 Bradley–Terry draw, or the order a person is shown the two in), and n, how many pairs the run had
-before these. A labeller that must stop (a person typed q) raises Stop after the labels
-it gave: the run keeps them and stops like a kill. A fork's labeller behind an API is one more class
-with this call, and one line where train.py's load() chooses the labeller.
+before these. A labeller that must stop (a person typed q) raises errors.Stop after the labels it
+gave: the run keeps them and stops like a kill. Every labeller subclasses Labeller, which says what
+else a run may ask of it and gives the defaults. A fork's labeller behind an API is one more subclass,
+and one entry in LABELLERS (the end of this file): `--oracle NAME` then chooses it, and `--judge`
+names the reward model that scores the evaluations.
 
 The oracle (as in the paper, where Skywork-Reward-Llama-3.1-8B plays the part of the human labellers)
 is a frozen reward model, the only place ground truth enters training. It sees text only: the
@@ -26,10 +28,13 @@ A person can take the oracle's place (Person, below: train.py --oracle human); a
 still scores the evaluations (--judge), and each answered pair, to count how often the two agree.
 """
 import shutil
+import sys
 import textwrap
 from typing import NamedTuple
 
 import torch
+
+from errors import Stop
 
 class Label(NamedTuple):
     a_wins: bool
@@ -37,14 +42,25 @@ class Label(NamedTuple):
     score_b: float
     skipped: bool = False   # a person skipped the pair: it is kept and never trained on
 
-class Stop(Exception):
-    """The labeller stops the run (a person typed q, or their input ended): what it labelled is kept."""
-    def __init__(self, why, code):
-        super().__init__(why)
-        self.why, self.code = why, code
+class Labeller:
+    """Whoever labels the pairs. A subclass writes `label` (above); the rest has defaults."""
+    terminal = False        # it shows the pairs in this terminal: no progress bar, and one process only
 
-class Oracle:
-    terminal = False        # it needs no terminal: the run may show a progress bar
+    def label(self, prompts, a, b, u, n=0):
+        raise NotImplementedError
+
+    def report(self, tally):
+        """What metrics.jsonl reports about the labels beyond the run's counters (tally: how many pairs
+        were answered and skipped so far, and in how many the chosen response scored higher)."""
+        return {}
+
+    def relabel(self, prompts, a, b, u):
+        """What this labeller says again of pairs it labelled before (a resumed run checks its stored
+        labels with it), where that costs nothing: a Label per pair, None in a field it cannot know
+        again. None where nothing can be known again for free (a paid API, by default)."""
+        return None
+
+class Oracle(Labeller):
     PAD = 32                # tokens: every text is padded to a multiple of this, whatever else shares its forward
 
     def __init__(self, model, tokenizer, batch_size=64, fmt="auto", how="bt"):
@@ -88,21 +104,25 @@ class Oracle:
         return prompt + " " + response
 
     def label(self, prompts, a, b, u, n=0):
-        """Bradley-Terry: a wins when u < sigmoid(r(a) - r(b)); argmax: when r(a) > r(b)."""
+        labels = self.decide(prompts, a, b, u)
+        self.labels += len(labels)
+        self.judged += 2 * len(labels)
+        yield from labels
+
+    def decide(self, prompts, a, b, u):
+        """Bradley-Terry: a wins when u < sigmoid(r(a) - r(b)); argmax: when r(a) > r(b). -> [Label]"""
         sa, sb = self.score(prompts, [x.text for x in a]), self.score(prompts, [x.text for x in b])
         if self.how not in ("bt", "argmax"):
             raise ValueError(f"unknown labelling rule '{self.how}' (use bt or argmax)")
         a_wins = u < torch.sigmoid(sa - sb) if self.how == "bt" else sa > sb
-        self.labels += len(sa)
-        self.judged += 2 * len(sa)
-        for win, x, y in zip(a_wins.tolist(), sa.tolist(), sb.tolist()):
-            yield Label(win, x, y)
+        return [Label(win, x, y) for win, x, y in zip(a_wins.tolist(), sa.tolist(), sb.tolist())]
 
-    def report(self, tally):
-        """What metrics.jsonl reports about the labels beyond the run's counters: nothing for a reward model."""
-        return {}
+    def relabel(self, prompts, a, b, u):
+        """A reward model labels again for free, to the last bit (a text's score does not depend on what
+        shares its batch)."""
+        return self.decide(prompts, a, b, u)
 
-class Person:
+class Person(Labeller):
     """A person as the labeller (train.py --oracle human): each pair is shown in the terminal, the two
     responses in the order the pair's uniform says, and the answer read from `inp` (a line per answer).
     The answer keys are 1 or 2 (the better response), s to skip the pair (it is kept, unlabelled, and
@@ -111,8 +131,9 @@ class Person:
     KEYS = {"1": 0, "2": 1, "s": "skip", "q": "stop"}
     terminal = True         # the pairs are shown in this terminal: no progress bar over them
 
-    def __init__(self, inp, out, judge, total):
-        self.inp, self.out, self.judge, self.total = inp, out, judge, total
+    def __init__(self, judge, args, inp=None, out=None):
+        self.judge, self.total = judge, args.labels
+        self.inp, self.out = inp or sys.stdin, out or sys.stdout
 
     def label(self, prompts, a, b, u, n=0):
         sa, sb = self.judge.score(prompts, [x.text for x in a]), self.judge.score(prompts, [x.text for x in b])
@@ -120,7 +141,7 @@ class Person:
             swap = bool(u[j] < 0.5)                        # the first one shown is b when swapped
             ans = self.ask(p, *((y, x) if swap else (x, y)), f"pair {n + j + 1} of {self.total}")
             if ans in ("stop", "eof"):
-                raise Stop("the input ended" if ans == "eof" else "", int(ans == "eof"))
+                raise Stop("the input ended" if ans == "eof" else "", int(ans == "eof"), on_screen=True)
             skipped = ans == "skip"
             yield Label(skipped or (ans == 0) != swap, sa[j].item(), sb[j].item(), skipped)
 
@@ -143,8 +164,17 @@ class Person:
                 return self.KEYS[key]
             self.out.write(f"'{key}' is not an answer\n")
 
+    def relabel(self, prompts, a, b, u):
+        """A person's answers cannot be known again without asking; the judge's scores can."""
+        sa, sb = self.judge.score(prompts, [x.text for x in a]), self.judge.score(prompts, [x.text for x in b])
+        return [Label(None, x, y, None) for x, y in zip(sa.tolist(), sb.tolist())]
+
     def report(self, tally):
         """Your answers so far, and the share of them where the judge scores your chosen response higher."""
         answered = tally["answered"]
         return dict(answered=answered, skipped=tally["skipped"],
                     agree=tally["agreed"] / answered if answered else None)   # None: nothing answered yet
+
+# --oracle NAME with a NAME here: that labeller, made as LABELLERS[NAME](judge, args), with `judge` the reward
+# model named by --judge (default: the embedded world's oracle); any other --oracle is a reward model, the labeller
+LABELLERS = {"human": Person}

@@ -19,27 +19,29 @@ beta*log(pi/pi_ref)). PILAF gives each half of the mixture probability 1/2.
 
 What is sampled here is the paper's Sec. 4 realisation: pi+- mixed token by token (sample.generate),
 renormalised at every prefix. That is not the sequence-level pi*exp(+-r_theta) normalised over whole
-responses, which the argument above uses; it is close (notebook 02 enumerates every two-word reply: the
-two are about 0.005 apart in total variation where the tilt itself is 0.05) but not the same.
+responses, which the argument above uses; it is close but not the same (notebook 02 enumerates every
+two-word reply and measures the gap against the tilt itself).
 
 Every sampler has the same signature and returns a dict:
     a, a_mask, b, b_mask  (B, L) response ids and masks, right-padded
     a_logps, b_logps      (B, L) each token's log-prob under the distribution it was drawn from
-                          (for forks: importance weights, an exact T-PILAF, ...)
+                          (for forks: importance weights)
     src                   [(source of a, source of b)] per prompt, e.g. ("pi+", "pi-")
     extra                 (optional) a dict per prompt that pairs.jsonl keeps with the pair (t_pilaf's Z+-)
-    forwards              sampling cost: for each response, the number of models stepped to decode it
-    score_forwards        extra teacher-forced passes (Best-of-N's ranking)
+    forwards              (optional, 0 if left out) sampling cost: for each response, the number of
+                          models stepped to decode it
+    score_forwards        (optional, 0 if left out) extra teacher-forced passes (Best-of-N's ranking)
 Table 1 of the paper, sampling forwards per labelled pair: vanilla 2, best_of_n 8 (N=8), hybrid 2,
 pilaf 3 on average (a pi+- response steps both models: 4 for half the pairs, 2 for the other half).
 Each sampler makes its whole batch in one decode loop (sample.generate with a mix per row), so it
 pays one loop's overhead, not one per distinct mix. Wall time follows those forward counts only where
-a forward's cost follows its rows: at the embedded world's size a Hugging Face forward call costs
-nearly as much on 32 rows as on 64, and a PILAF batch takes about 1.8x a Vanilla batch's time against
-Table 1's 1.5x (bench.py (b) and the model-calls floor beside it; docs/performance.md).
-"""
-import inspect
+a forward's cost follows its rows, which at the embedded world's size it does not (bench.py (b);
+docs/performance.md).
 
+A sampler with options of its own (best_of_n's --n) takes them as keyword parameters, named in OPTIONS
+below and on train.py's command line (options.py's "sampler options" group), which passes each sampler
+its own.
+"""
 import torch
 
 from dpo import log_ratio
@@ -91,23 +93,35 @@ def hybrid(policy, ref, prompt_ids, prompt_mask, beta, gen):
     w = torch.tensor([[1.0, 0.0]] * B + [[0.0, 1.0]] * B, dtype=torch.float64)   # (2B, 2): policy rows, then reference rows
     return _pairs([policy, ref], w, prompt_ids, prompt_mask, [("pi", "pi_ref")] * B, 2 * B, gen)
 
+def _candidates(policy, ref, prompt_ids, prompt_mask, beta, gen, n):
+    """n policy samples per prompt and their implicit rewards beta*log(pi/pi_ref) of the whole response,
+    teacher-forced through both models: the candidates Best-of-N and T-PILAF choose from.
+    -> ids, mask, logps (B*n, L), candidate j of prompt i in row i*n + j; r (B, n)"""
+    B = prompt_ids.shape[0]
+    p_ids, p_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)  # (B*n, P)
+    ids, mask, logps = generate([policy], [1.0], p_ids, p_mask, **gen)                        # (B*n, L)
+    with torch.no_grad():
+        r = beta * log_ratio(policy, ref, p_ids, p_mask, ids, mask).view(B, n)                # (B, n)
+    return ids, mask, logps, r
+
+def _chosen(ids, mask, logps, n, a, b):
+    """The pair of each prompt out of its n candidates: indices a, b (B,) into them."""
+    base = torch.arange(len(a), device=a.device) * n
+    a, b = base + a, base + b
+    return dict(a=ids[a], a_mask=mask[a], a_logps=logps[a], b=ids[b], b_mask=mask[b], b_logps=logps[b])
+
 def best_of_n(policy, ref, prompt_ids, prompt_mask, beta, gen, n=8):
     """N policy samples per prompt, ranked by beta*log(pi/pi_ref) of the whole response
     (teacher-forced through both models); the top and bottom one are the pair. The oracle only ever
     sees those two, so the annotation cost stays 2 per pair (paper Table 1)."""
     B = prompt_ids.shape[0]
-    p_ids, p_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)  # (B*n, P)
-    ids, mask, logps = generate([policy], [1.0], p_ids, p_mask, **gen)                        # (B*n, L)
-    with torch.no_grad():
-        r = beta * log_ratio(policy, ref, p_ids, p_mask, ids, mask)
+    ids, mask, logps, r = _candidates(policy, ref, prompt_ids, prompt_mask, beta, gen, n)
     # rank within each prompt; a random order first breaks ties, so that even when every reward is
     # equal (policy == reference) top and bottom are two different candidates
     perm = torch.argsort(_rand((B, n), gen.get("generator")), dim=1).to(r.device)   # (B, n)
-    order = perm.gather(1, torch.sort(r.view(B, n).gather(1, perm), dim=1, stable=True).indices)
-    base = torch.arange(B, device=r.device) * n
-    hi, lo = base + order[:, -1], base + order[:, 0]
-    return dict(a=ids[hi], a_mask=mask[hi], a_logps=logps[hi], b=ids[lo], b_mask=mask[lo], b_logps=logps[lo],
-                src=[("best", "worst")] * B, forwards=n * B, score_forwards=2 * n * B)
+    order = perm.gather(1, torch.sort(r.gather(1, perm), dim=1, stable=True).indices)
+    return dict(_chosen(ids, mask, logps, n, order[:, -1], order[:, 0]), src=[("best", "worst")] * B,
+                forwards=n * B, score_forwards=2 * n * B)
 
 def resample(r, g):
     """T-PILAF's choice among N candidates per prompt, by sampling-importance-resampling.
@@ -140,23 +154,17 @@ def t_pilaf(policy, ref, prompt_ids, prompt_mask, beta, gen, n=8):
     2 responses labelled. a_logps / b_logps are under pi, which drew the candidates (the resampled
     distribution itself has no tractable density). `extra` holds each pair's Z+, Z- and branch."""
     B = prompt_ids.shape[0]
-    p_ids, p_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)  # (B*n, P)
-    ids, mask, logps = generate([policy], [1.0], p_ids, p_mask, **gen)                        # (B*n, L)
-    with torch.no_grad():
-        r = beta * log_ratio(policy, ref, p_ids, p_mask, ids, mask).view(B, n)               # (B, n)
+    ids, mask, logps, r = _candidates(policy, ref, prompt_ids, prompt_mask, beta, gen, n)
     got = resample(r.double(), gen.get("generator"))
-    base = torch.arange(B, device=r.device) * n
-    a, b = base + got["a"], base + got["b"]
     tilted = got["tilted"].tolist()
     extra = [dict(z_plus=p, z_minus=m, branch="tilted" if t else "plain")
              for p, m, t in zip(got["z_plus"].tolist(), got["z_minus"].tolist(), tilted)]
-    return dict(a=ids[a], a_mask=mask[a], a_logps=logps[a], b=ids[b], b_mask=mask[b], b_logps=logps[b],
-                src=[("T+", "T-") if t else ("pi", "pi") for t in tilted], extra=extra,
-                forwards=n * B, score_forwards=2 * n * B)
+    return dict(_chosen(ids, mask, logps, n, got["a"], got["b"]), src=[("T+", "T-") if t else ("pi", "pi") for t in tilted],
+                extra=extra, forwards=n * B, score_forwards=2 * n * B)
 
 SAMPLERS = {"vanilla": vanilla, "pilaf": pilaf, "best_of_n": best_of_n, "hybrid": hybrid, "t_pilaf": t_pilaf}
+OPTIONS = {"best_of_n": ["n"], "t_pilaf": ["n"]}   # each sampler's own options: keyword parameters, as on the command line
 
 def options(name):
-    """The options sampler `name` takes beyond the common six arguments: its keyword parameters, named
-    as on train.py's command line (options.py's "sampler options" group), which passes their values."""
-    return list(inspect.signature(SAMPLERS[name]).parameters)[6:]
+    """The options sampler `name` takes beyond the common six arguments."""
+    return OPTIONS.get(name, [])

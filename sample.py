@@ -17,21 +17,53 @@ So one loop makes a whole PILAF batch at exactly Table 1's cost: the reference i
 pi+- rows and nowhere else.
 
 Batches hold different prompts, left-padded. GPT-2's positions are absolute, so position ids come
-from the attention mask (the first real token of every row is position 0), exactly as
-dpo.sequence_logps computes them when it scores the same tokens later.
+from the attention mask (the first real token of every row is position 0): `positions`, the one
+formula that sampling here and scoring in dpo.py both use, so the two see the same positions.
+
+Read `slow_generate` first: the plain loop, which re-reads every row's whole sequence through every
+model at every step. `generate` is the same loop made fast (a KV cache per model, each model stepped
+only on its rows), and must equal it token for token: the tests hold it to that.
 """
 import torch
 import torch.nn.functional as F
 
+from errors import Stop
+
+def positions(mask):
+    """Position ids from an attention mask: the first real token of each row is 0. (B, T) -> (B, T)"""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
 def mix(logits, coefs, temperature=1.0):
-    """The formula above for one mix, written plainly: log-probs of the sampling distribution from each
-    model's next-token logits. (B, V) each -> (B, V). The decode loop computes the same distribution
-    from raw logits, row by row (see _decode); this form is for reading, the tests and the notebooks."""
+    """The formula above, written plainly: log-probs of the sampling distribution from each model's
+    next-token logits, (B, V) each -> (B, V); a coefficient is a number or a (B, 1) column (one per
+    row). generate computes the same distribution from raw logits (see _decode)."""
     z = sum(c * F.log_softmax(_f32(h), dim=-1) for c, h in zip(coefs, logits))
     return F.log_softmax(z / temperature if temperature > 0 else z, dim=-1)
 
-class NotFinite(ValueError):
-    """A distribution to sample from is not finite (NaN or infinite logits: the weights blew up)."""
+@torch.no_grad()
+def slow_generate(models, weights, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature=1.0,
+                  generator=None):
+    """The plain loop that generate must equal: no cache, no choice of rows; at every step every model
+    reads every row's prompt and response so far, and each row's token is drawn from mix() of their
+    last logits with the row's weights. Arguments and returns as generate's."""
+    B, dev = prompt_ids.shape[0], prompt_ids.device
+    w = torch.as_tensor(weights, dtype=torch.float64).to(dev).expand(B, len(models))   # (B, M)
+    eos = torch.tensor(eos_id, device=dev).view(-1)
+    ids, mask = prompt_ids[:, :0], prompt_mask[:, :0].long()                              # (B, 0): nothing yet
+    logps = torch.zeros(B, 0, dtype=torch.float64, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    for _ in range(max_new_tokens):
+        x, attn = torch.cat([prompt_ids, ids], 1), torch.cat([prompt_mask.long(), mask], 1)   # (B, P + t)
+        logits = [m(input_ids=x, attention_mask=attn, position_ids=positions(attn)).logits[:, -1] for m in models]
+        lp = mix(logits, [w[:, i, None] for i in range(len(models))], temperature)          # (B, V)
+        tok = draw(lp.exp(), generator) if temperature > 0 else lp.argmax(-1)               # (B,)
+        ids = torch.cat([ids, tok.masked_fill(done, pad_id)[:, None]], 1)
+        mask = torch.cat([mask, (~done).long()[:, None]], 1)
+        logps = torch.cat([logps, lp.gather(-1, tok[:, None]).masked_fill(done[:, None], 0.0).double()], 1)
+        done = done | torch.isin(tok, eos)
+        if done.all():
+            break
+    return ids, mask, logps
 
 def _f32(h):
     # at least float32: bf16 log-probs would blur the small beta-weighted differences between models
@@ -43,12 +75,14 @@ def _search(cum, u):
     u = torch.minimum(u.clamp(min=0), torch.nextafter(cum[:, -1:], torch.zeros_like(u)))
     return torch.searchsorted(cum, u, right=True)
 
+NOT_FINITE = "no checkpoint holds non-finite weights: lower --lr, or start again with another --seed"
+
 def draw(p, generator=None, block=256):
     """One exact draw per row from unnormalised probabilities p (B, V) -> (B,) token ids.
 
     Inverse CDF in two levels, one uniform per row: find the block of `block` tokens whose cumulative
-    mass passes u, then the token inside that block. Two short cumulative sums instead of a search
-    over all V: at V = 50k this is ~15x faster than torch.multinomial on a CPU, and exact (a token of
+    mass passes u, then the token inside that block. Two short cumulative sums instead of one over all
+    V (faster than torch.multinomial at a large vocabulary: docs/performance.md), and exact (a token of
     probability 0 is never drawn; every other token with its probability, up to float64 rounding).
     """
     B, V = p.shape
@@ -60,7 +94,7 @@ def draw(p, generator=None, block=256):
         blocks = F.pad(p, (0, nb * block - V)).view(B, nb, block)        # (B, nb, block)
         cum = blocks.sum(-1, dtype=torch.float64).cumsum(-1)              # (B, nb)
     if not (torch.isfinite(cum[:, -1]).all() and (cum[:, -1] > 0).all()):   # NaN would draw garbage ids
-        raise NotFinite("the policy's next-token distribution is not finite (NaN or infinite logits)")
+        raise Stop("the policy's next-token distribution is not finite (NaN or infinite logits)", 1, NOT_FINITE)
     if V <= block:
         return _search(cum, u * cum[:, -1:]).squeeze(-1)
     u = u * cum[:, -1:]
@@ -97,7 +131,7 @@ def generate(models, weights, prompt_ids, prompt_mask, max_new_tokens, eos_id, p
             sel = slice(lo, hi) if hi - lo == len(rows) else rows
             steps.append((models[m], sel, w[rows, m, None], len(rows) == B))
     eos = torch.tensor(eos_id, device=dev).view(-1)          # (E,) every id that ends a response
-    with torch.inference_mode():   # no autograd bookkeeping at all: ~10% less time per step than no_grad
+    with torch.inference_mode():   # no autograd bookkeeping at all: less time per step than no_grad
         out = _decode(steps, plain, prompt_ids, prompt_mask, max_new_tokens, eos, pad_id, temperature, generator)
     return tuple(t.clone() for t in out)   # copies made outside inference mode are ordinary tensors: trainable on
 
@@ -107,7 +141,7 @@ def _decode(steps, plain, prompt_ids, prompt_mask, max_new_tokens, eos, pad_id, 
     caches = [None] * len(steps)
     attn = torch.cat([prompt_mask.long(), torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)], 1)  # (B, P + max)
     x = prompt_ids                                           # what the models read this step
-    x_pos = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0) # (B, P) the prompt's positions
+    x_pos = positions(prompt_mask)                           # (B, P) the prompt's positions
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     ids, mask, logps = [], [], []
     for t in range(max_new_tokens):

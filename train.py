@@ -13,10 +13,11 @@ online DPO:    one round per step: --batch_size fresh pairs, one gradient step o
 iterative DPO: --iterations rounds of --labels/--iterations pairs, --epochs passes over each;
                the first round is Vanilla for every sampler (paper Sec. 6.1)
 
-The machinery around it, which a reader of the algorithm may skip, is one call each here: options.py
-(the command line and its checks), load.py (models, oracle, prompts by name), checkpoint.py (the
-run folder: fresh start or resume, the pairs already on disk, records, checkpoints), ddp.py
-(torchrun: the identity in a plain run), pairs.py (the labelled pair and its tensors).
+The machinery around it, which a reader of the algorithm may skip, reaches it as one call each, and
+each does nothing special in a plain run: options.py (the command line and its checks), load.py
+(models, oracle, labeller and prompts by name), folder.py (the run folder: one writer, every stop in
+one line), pairs.Ledger (each labelled pair on disk as it is given; on a resume, the pairs bought
+after the checkpoint answer first), metrics.py (the metrics log), checkpoint.py, ddp.py (torchrun).
 
     python train.py --sampler pilaf                       # the embedded world: under a minute on 2 CPU cores
     python train.py --resume out/pilaf-online-s0          # continue a killed run; its labels are reused
@@ -27,6 +28,8 @@ run folder: fresh start or resume, the pairs already on disk, records, checkpoin
 import omp  # noqa: F401  (first: how the CPU threads wait, set before torch loads; omp.py says why)
 
 import copy
+import dataclasses
+import random
 import time
 from functools import partial
 
@@ -34,39 +37,73 @@ import torch
 
 import checkpoint
 import ddp
+import folder
 import options
 import pilaf
 from dpo import dpo_loss, kl_estimates, pair_logps, reward_metrics
 from load import load
-from pairs import collate, decode, labelled, responses, tokenize, unpad
+from metrics import Log
+from pairs import Ledger, collate, decode, labelled, responses, tokenize, unpad
 from sample import generate
 
+@dataclasses.dataclass
+class Run:
+    """Where a run stands: the counters a checkpoint keeps and metrics.jsonl reports. What the run
+    optimises and draws with are attributes start() adds."""
+    round: int = 0              # rounds finished
+    labels: int = 0             # labels used so far: the annotation budget
+    judged: int = 0             # responses shown to the labeller (two per label; paper Table 1)
+    reused: int = 0             # labels a resumed run took from pairs.jsonl instead of buying them again
+    steps: int = 0              # DPO steps
+    forwards: int = 0           # sampling forwards (paper Table 1)
+    score_forwards: int = 0     # extra teacher-forced passes (best_of_n's ranking)
+    tokens: int = 0             # tokens of the labelled responses
+    sample_s: float = 0.0       # seconds spent sampling
+    order: list = dataclasses.field(default_factory=list)       # the shuffled prompt indices still to come
+    train_log: list = dataclasses.field(default_factory=list)   # each step's statistics since the last evaluation
+    tally: dict = dataclasses.field(default_factory=lambda: dict(answered=0, skipped=0, agreed=0))  # of the pairs so far
+    metrics: int = 0            # lines of metrics.jsonl
+    last: dict = None           # the last evaluation
+
+def start(args, policy):
+    """A run at its start: the counters, and what it optimises and draws with (a resumed run then sets
+    them as its checkpoint left them: checkpoint.restore)."""
+    run = Run()
+    run.out, run.t0 = args.out, time.time()
+    torch.manual_seed(args.seed)
+    run.rng = random.Random(args.seed)                                              # prompt order, minibatch order
+    run.g_sample = torch.Generator(args.device).manual_seed(ddp.seed(args.seed))    # responses, PILAF's coins
+    run.g_label = torch.Generator().manual_seed(ddp.seed(args.seed + 1))            # Bradley-Terry labels
+    run.opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    run.model = ddp.wrap(policy)       # DDP under torchrun: gradients averaged over the ranks in backward()
+    # bf16: forwards under autocast, one fresh context per stage. Autocast keeps its bf16 copies of the
+    # weights until the outermost context exits, so one context around the whole run would make every
+    # forward read the initial weights while AdamW updates the float32 ones: a run that never learns.
+    run.amp = partial(torch.autocast, args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    return run
+
 def collect(run, w, args, sampler, n):
-    """n labelled pairs from the frozen policy, a batch at a time, each pair on disk before any
-    training on it: labels cost money."""
+    """n labelled pairs from the frozen policy, a batch at a time: prompts -> sampler -> labeller -> pairs,
+    each pair on disk as it is labelled, before any training on it: labels cost money."""
     pairs = []
     gen = dict(max_new_tokens=args.max_new_tokens, eos_id=w.eos, pad_id=w.tok.pad_token_id,
                temperature=args.temperature, generator=run.g_sample)
     for i in range(0, n, args.batch_size):
         B = min(args.batch_size, n - i)
         texts = ddp.share(next_prompts(run, w.train_prompts, B))      # this rank's prompts: all B in one process
-        first = run.labels + ddp.offset(B)                            # the run's index of their first pair
         ids_p, mask_p = tokenize(w.tok, texts, args.device)
         t = time.time()
         with run.amp():
             out = sampler(w.policy, w.ref, ids_p, mask_p, args.beta, gen)
-        checkpoint.spent(run, out, time.time() - t)                 # the sampling cost (paper Table 1), all ranks'
+        spent(run, out, time.time() - t)
         a, b = responses(w.tok, out, "a", w.eos), responses(w.tok, out, "b", w.eos)
-        # one uniform per pair: its Bradley-Terry draw (a person: the order the two are shown in). Drawn
-        # for the whole batch, pairs on disk included, so the label stream stays the uninterrupted run's
+        # one uniform per pair: its Bradley-Terry draw (a person: the order the two are shown in)
         u = torch.rand(len(texts), generator=run.g_label)
-        saved = checkpoint.on_disk(run, first, texts, a, b)          # bought before a kill: never labelled again
-        k = len(saved)
-        labels = w.labeller.label(texts[k:], a[k:], b[k:], u[k:], first + k)     # a Label per pair, as each is given
+        labels = w.labeller.label(texts, a, b, u, run.labels + ddp.offset(B))   # a Label per pair, as each is given
         prompt_ids, extra = unpad(ids_p, mask_p), out.get("extra") or [None] * len(texts)
         new = (labelled(run.round, run.steps, texts[j], prompt_ids[j], a[j], b[j], lab, extra[j])
-               for j, lab in enumerate(labels, k))
-        pairs += checkpoint.keep(run, saved, new)                   # each on disk as it is labelled; all ranks' pairs
+               for j, lab in enumerate(labels))
+        pairs += run.ledger.keep(run, new)          # each on disk as it is labelled; all ranks' pairs, counted
     return pairs
 
 def next_prompts(run, train_prompts, B):
@@ -76,6 +113,13 @@ def next_prompts(run, train_prompts, B):
         run.order += run.rng.sample(range(len(train_prompts)), len(train_prompts))
     picked, run.order = run.order[:B], run.order[B:]
     return [train_prompts[i] for i in picked]
+
+def spent(run, out, seconds):
+    """A batch's sampling cost (paper Table 1): forwards, extra scoring passes and response tokens,
+    summed over the ranks; and this rank's seconds."""
+    cost = ddp.total([out.get("forwards", 0), out.get("score_forwards", 0), int(out["a_mask"].sum() + out["b_mask"].sum())])
+    run.forwards, run.score_forwards, run.tokens = (x + int(c) for x, c in zip((run.forwards, run.score_forwards, run.tokens), cost))
+    run.sample_s += seconds
 
 def update(run, w, args, pairs, epochs, anchor):
     """DPO on a round's pairs: `epochs` shuffled passes of --batch_size pairs per step. `anchor` is
@@ -142,18 +186,25 @@ def crossed(labels, per_round, every):
 def main(argv=None):
     args = options.get_args(argv)
     args.device = ddp.init(args.device)                    # torchrun: one process per device
-    with checkpoint.claim(args):    # this process alone writes the folder; any stop (Ctrl-C, q...) ends like a kill
+    with folder.claim(args):    # this process alone writes the folder; any stop (Ctrl-C, q...) ends like a kill
         ck = checkpoint.latest(args.out) if args.resume else None
         w = ddp.first(lambda: load(args, start_from=ck and ck["policy"]))   # (rank 0 first: it may build the world)
-        run = checkpoint.start(args, w, ck)                  # a fresh run folder, or where the checkpoint left off
+        run = start(args, w.policy)
+        if ck:
+            checkpoint.restore(run, ck)                      # the counters, generators and optimizer it saved
+        else:
+            folder.fresh(args)                               # config.json (an earlier run moved aside: --overwrite)
+        run.ledger = Ledger(args, w, run, ck)              # pairs.jsonl: each pair on disk as it is labelled
+        w.labeller = run.ledger.replay(w.labeller)         # resumed: the pairs bought after the checkpoint answer first
+        log = Log(args.out, w.labeller.report, keep=ck["metrics"] if ck else 0)   # metrics.jsonl
         online = args.mode == "online"
         rounds = args.labels // args.batch_size if online else args.iterations
         per_round = args.batch_size if online else args.labels // args.iterations
 
         def evaluate_and_log():
             with run.amp():
-                checkpoint.log(run, evaluate(w.policy, w.ref, w.tok, w.oracle, w.test_prompts, args.beta,
-                                             args.eval_samples, args.max_new_tokens, args.seed, w.eos))
+                log(run, evaluate(w.policy, w.ref, w.tok, w.oracle, w.test_prompts, args.beta, args.eval_samples,
+                                  args.max_new_tokens, args.seed, w.eos))
         if not args.resume:
             evaluate_and_log()
             checkpoint.save(run, w)
@@ -168,13 +219,14 @@ def main(argv=None):
             if w.source is None:
                 pairs = collect(run, w, args, sampler, per_round)
             else:                                            # --from_pairs: labels already paid for, in their order
-                pairs = checkpoint.reread(run, w.source, per_round, args.batch_size)
+                pairs = run.ledger.reread(run, w.source, per_round, args.batch_size)
             update(run, w, args, pairs, 1 if online else args.epochs, anchor)
             run.round = r + 1
             if crossed(run.labels, per_round, args.eval_every) or r == rounds - 1:
                 evaluate_and_log()
             if crossed(run.labels, per_round, args.save_every) or r == rounds - 1:
                 checkpoint.save(run, w)
+        run.ledger.close()
         checkpoint.finish(run, w)
     ddp.close(run)
     return run.last

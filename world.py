@@ -41,6 +41,8 @@ from tqdm import tqdm
 
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from errors import UserError
+
 # -----------------------------------------------------------------------------
 # settings of the embedded world; changing any of them (or the version of torch, transformers or
 # tokenizers) rebuilds it: the cache key is their hash
@@ -60,8 +62,6 @@ WORLD = dict(
 PROMPT_COLUMN = "prompt"   # the embedded world's prompt column (build() also saves "item" and "problem")
 DEFAULT_DIR = os.path.join(os.environ.get("PILAF_CACHE", os.path.expanduser("~/.cache/pilaf")), "world")
 
-class WorldError(Exception):
-    """Bad input the user can fix; train.py prints it on one line and exits with code 2."""
 
 # -----------------------------------------------------------------------------
 # the task: prompts, the reference's reply distribution, the hidden ground truth
@@ -284,7 +284,7 @@ def ensure(out_dir=DEFAULT_DIR, cfg=WORLD):
     if _built(meta, cfg):
         return out_dir
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(meta):
-        raise WorldError(f"--world {out_dir} is a folder that holds no world -- pass an empty or new folder")
+        raise UserError(f"--world {out_dir} is a folder that holds no world -- pass an empty or new folder")
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     with open(os.path.join(parent, "." + os.path.basename(out_dir) + ".lock"), "w") as lock:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import bench
+from conftest import PAD, PROMPTS, CountingLM, left_padded, tiny_lm
 
 @pytest.mark.parametrize("argv,match", [
     (["--size", "huge"], "invalid choice: 'huge'"),
@@ -20,8 +21,6 @@ def test_the_floor_line_makes_the_pilaf_batchs_model_calls():
     """bench's "model calls alone" make the calls a PILAF pair batch makes when half its prompts draw
     (pi+, pi-): the same models in the same order, each on as many rows over as long a prefix, every step.
     (Which prompts the reference's rows hold differs, not their number or padded length.)"""
-    from conftest import tiny_lm
-    from test_sample import PAD, PROMPTS, CountingLM, left_padded
     import pilaf
     ids, mask = left_padded(PROMPTS * 2)                # 8 prompts of different lengths
     B, P = ids.shape

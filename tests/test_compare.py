@@ -10,12 +10,10 @@ import pytest
 
 import compare
 import options
+import stats
+from conftest import MICRO, read_jsonl, world_args
 
-MICRO = ["--labels", "16", "--batch_size", "8", "--eval_every", "8", "--eval_prompts", "4", "--eval_samples", "1",
-         "--max_new_tokens", "10"]
-
-def world_args(d):
-    return ["--policy", os.path.join(d, "policy"), "--oracle", os.path.join(d, "oracle"), "--prompts", os.path.join(d, "prompts")]
+SHORT = MICRO + ["--labels", "16", "--eval_every", "8"]      # half the micro budget: two steps per run
 
 @pytest.fixture(autouse=True)
 def one_thread(monkeypatch):
@@ -29,7 +27,7 @@ def mtimes(out):
 
 def test_micro_comparison_resumes_and_reports(tiny_world, tmp_path, capsys):
     out = str(tmp_path / "cmp")
-    argv = ["--samplers", "vanilla", "pilaf", "--seeds", "0", "1", "--out", out, "--"] + MICRO + world_args(tiny_world)
+    argv = ["--samplers", "vanilla", "pilaf", "--seeds", "0", "1", "--out", out, "--"] + SHORT + world_args(tiny_world)
     compare.main(argv)
     text = open(os.path.join(out, "results.md")).read()
     assert "| Vanilla | 2 |" in text and "| PILAF | 2 |" in text and "labels needed to reach Vanilla" in text
@@ -61,7 +59,7 @@ def test_micro_comparison_resumes_and_reports(tiny_world, tmp_path, capsys):
 def test_a_failing_run_is_contained(tiny_world, tmp_path, capsys):
     out = str(tmp_path / "cmp")
     with pytest.raises(SystemExit) as e:
-        compare.main(["--samplers", "vanilla", "--seeds", "0", "--out", out, "--"] + MICRO + world_args(tiny_world) +
+        compare.main(["--samplers", "vanilla", "--seeds", "0", "--out", out, "--"] + SHORT + world_args(tiny_world) +
                      ["--init_from", str(tmp_path / "missing")])
     assert e.value.code == 2 and "every run failed" in capsys.readouterr().err
     assert "has no config.json" in open(os.path.join(out, "vanilla-s0", "train.log")).read()
@@ -83,16 +81,16 @@ def fake_run(out, sampler, seed, J, labels=(0, 16, 32), budget=32, **config):
         f.writelines(json.dumps(m) + "\n" for m in metrics)
 
 def test_statistics_by_hand(tmp_path):
-    assert compare.mean_std([0.4, 0.6]) == pytest.approx((0.5, np.sqrt(0.02)))     # sample std, ddof=1
-    assert compare.mean_std([0.7]) == (0.7, 0.0)
+    assert stats.mean_std([0.4, 0.6]) == pytest.approx((0.5, np.sqrt(0.02)))     # sample std, ddof=1
+    assert stats.mean_std([0.7]) == (0.7, 0.0)
     # 95% t-intervals: df 2 -> 4.303; df 11 (between the table's 10 and 12) -> 10's 2.228, the wider side
-    assert compare.mean_ci([0.0, 1.0, 2.0]) == pytest.approx((1.0, 4.303 / np.sqrt(3)))
+    assert stats.mean_ci([0.0, 1.0, 2.0]) == pytest.approx((1.0, 4.303 / np.sqrt(3)))
     twelve = [0.0, 1.0] * 6
-    assert compare.mean_ci(twelve) == pytest.approx((0.5, 2.228 * np.std(twelve, ddof=1) / np.sqrt(12)))
-    assert compare.labels_to_reach([0, 16, 32], [0.0, 0.4, 0.8], 0.5) == pytest.approx(20.0)
-    assert compare.labels_to_reach([0, 16, 32, 48], [0.0, 0.6, 0.2, 0.9], 0.5) == pytest.approx(16 * 5 / 6)  # first crossing
-    assert compare.labels_to_reach([0, 16, 32], [0.0, 0.4, 0.8], -1.0) == 0.0
-    assert compare.labels_to_reach([0, 16, 32], [0.0, 0.4, 0.8], 0.81) is None
+    assert stats.mean_ci(twelve) == pytest.approx((0.5, 2.228 * np.std(twelve, ddof=1) / np.sqrt(12)))
+    assert stats.labels_to_reach([0, 16, 32], [0.0, 0.4, 0.8], 0.5) == pytest.approx(20.0)
+    assert stats.labels_to_reach([0, 16, 32, 48], [0.0, 0.6, 0.2, 0.9], 0.5) == pytest.approx(16 * 5 / 6)  # first crossing
+    assert stats.labels_to_reach([0, 16, 32], [0.0, 0.4, 0.8], -1.0) == 0.0
+    assert stats.labels_to_reach([0, 16, 32], [0.0, 0.4, 0.8], 0.81) is None
 
     out = str(tmp_path / "cmp")
     fake_run(out, "vanilla", 0, [0.0, 0.2, 0.4])
@@ -116,6 +114,12 @@ def test_statistics_by_hand(tmp_path):
     # (Δ reward: 0.6 and 0.2, the same spread): half-width 12.706 * 0.2 = 2.541 for both
     assert "| PILAF | 2 | +0.400 ± 2.541 | +1.00 ± 0.00 | +0.300 ± 2.541 |" in text, text
     assert "| Hybrid | 1 | -0.300 ± nan | -1.00 ± nan | -0.200 ± nan |" in text
+
+def test_differences_are_paired_by_seed_not_by_position():
+    """A sampler whose runs are listed in another order, or that lacks a seed, is still compared seed by seed."""
+    run = lambda seed, J: [dict(seed=seed, J=0.0), dict(seed=seed, J=J)]
+    runs = {"vanilla": [run(0, 0.1), run(1, 0.5), run(2, 0.2)], "pilaf": [run(2, 0.7), run(1, 0.4)]}
+    assert stats.paired(runs, "pilaf", "J") == pytest.approx([0.5, -0.1])
 
 def test_seeds_take_ranges(capsys):
     assert compare.get_args(["--seeds", "0-3", "7", "2"]).seeds == [0, 1, 2, 3, 7]
@@ -160,6 +164,9 @@ def test_bad_input_fails_in_one_line(tmp_path, capsys):
     # ... but it is in iterative mode
     bad(["--samplers", "vanilla", "--seeds", "0", "--out", out, "--mode", "iterative", "--", "--labels", "32",
          "--batch_size", "8", "--lr", "1e-3", "--max_new_tokens", "10", "--epochs", "5"], "epochs=2")
+    # the learning rate is part of the budget: a comparison at another lr does not take these runs
+    bad(["--samplers", "vanilla", "--seeds", "0", "--out", out, "--", "--labels", "32", "--batch_size", "8",
+         "--lr", "3e-4", "--max_new_tokens", "10"], "lr=0.001")
     bad(["--samplers", "vanilla", "nope", "--out", out], "invalid choice: 'nope'")
     bad(["--out", out, "--", "--seed", "3"], "set by compare.py")
     bad(["--out", str(tmp_path / "empty"), "--only_report"], "no finished runs")
@@ -214,10 +221,10 @@ def test_grid_runs_end_to_end(tiny_world, tmp_path):
     log 2 or the hinge's 1 at the reference) and the top table has both points."""
     out = str(tmp_path / "cmp")
     compare.main(["--samplers", "vanilla", "pilaf", "--seeds", "0", "--grid", "loss=dpo,hinge", "--out", out, "--"]
-                 + MICRO + world_args(tiny_world))
+                 + SHORT + world_args(tiny_world))
     for loss, first in (("dpo", np.log(2)), ("hinge", 1.0)):
         for s in ("vanilla", "pilaf"):
-            m = compare.read_jsonl(os.path.join(out, f"loss-{loss}", f"{s}-s0", "metrics.jsonl"))
+            m = read_jsonl(os.path.join(out, f"loss-{loss}", f"{s}-s0", "metrics.jsonl"))
             assert m[1]["loss"] == pytest.approx(first, abs=1e-5), (loss, s)
     text = open(os.path.join(out, "results.md")).read()
     assert "| dpo | 1 |" in text and "| hinge | 1 |" in text
@@ -291,19 +298,19 @@ def test_jobs_2_gives_the_results_of_jobs_1_and_a_failing_run_is_named(tiny_worl
     for jobs in ("1", "2"):
         out = str(tmp_path / f"jobs{jobs}")
         compare.main(["--samplers", "vanilla", "pilaf", "--seeds", "0", "1", "--jobs", jobs, "--out", out, "--"]
-                     + MICRO + world_args(tiny_world))
+                     + SHORT + world_args(tiny_world))
         reports.append(open(os.path.join(out, "results.md")).read().split("\n", 1)[1])   # the title names the folder
         assert "\r" not in open(os.path.join(out, "pilaf-s0", "train.log")).read()      # no progress-bar redraws
     assert reports[0] == reports[1]
     out = str(tmp_path / "failing")               # a run whose folder was damaged: it fails, the other finishes
     d = os.path.join(out, "vanilla-s0")
     os.makedirs(d)
-    cfg = vars(options.get_args(MICRO + world_args(tiny_world) + ["--sampler", "vanilla", "--seed", "0", "--out", d]))
+    cfg = vars(options.get_args(SHORT + world_args(tiny_world) + ["--sampler", "vanilla", "--seed", "0", "--out", d]))
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
     open(os.path.join(d, "checkpoint.json"), "w").write("{ no")
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        compare.main(["--samplers", "vanilla", "pilaf", "--seeds", "0", "--jobs", "2", "--out", out, "--"] + MICRO
+        compare.main(["--samplers", "vanilla", "pilaf", "--seeds", "0", "--jobs", "2", "--out", out, "--"] + SHORT
                      + world_args(tiny_world))
     captured = capsys.readouterr()
     assert e.value.code == 1 and os.path.exists(os.path.join(out, "pilaf-s0", "summary.json"))
@@ -313,8 +320,8 @@ def test_jobs_2_gives_the_results_of_jobs_1_and_a_failing_run_is_named(tiny_worl
 
 def test_commands_prints_exactly_the_missing_runs(tiny_world, tmp_path, capsys):
     out = str(tmp_path / "cmp")
-    argv = ["--samplers", "vanilla", "pilaf", "--seeds", "0", "1", "--out", out, "--"] + MICRO + world_args(tiny_world)
-    compare.main(["--samplers", "vanilla", "--seeds", "0", "--out", out, "--"] + MICRO + world_args(tiny_world))
+    argv = ["--samplers", "vanilla", "pilaf", "--seeds", "0", "1", "--out", out, "--"] + SHORT + world_args(tiny_world)
+    compare.main(["--samplers", "vanilla", "--seeds", "0", "--out", out, "--"] + SHORT + world_args(tiny_world))
     os.remove(os.path.join(out, "vanilla-s0", "summary.json"))          # an unfinished run: it continues
     capsys.readouterr()
     compare.main(["--commands"] + argv)

@@ -8,8 +8,7 @@ import time
 
 import torch
 
-from test_resume import TIMINGS, weights
-from test_train import read_jsonl, world_args
+from conftest import TIMINGS, read_jsonl, weights, world_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--eval_every", "32", "--eval_prompts", "8", "--eval_samples", "2", "--max_new_tokens", "12"]

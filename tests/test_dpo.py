@@ -1,13 +1,13 @@
 """DPO loss and sequence log-probs, against hand-computed values and token-by-token references."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_lm
+from conftest import EOS, PAD, PROMPTS, left_padded, tiny_lm
 from dpo import dpo_loss, kl_estimates, pair_logps, reward_metrics, sequence_logps
 from sample import generate
-from test_sample import EOS, PAD, PROMPTS, left_padded
 
 def test_loss_is_log2_when_policy_is_reference():
     lp = torch.tensor([-3.0, -7.5, -0.2])
@@ -21,6 +21,12 @@ def test_loss_hand_computed():
     assert abs(losses.item() - math.log(1 + math.exp(-1))) < 1e-6      # -log sigmoid(1) = 0.31326
     assert cr.item() == 0.5 and rr.item() == -0.5
     assert reward_metrics(cr, rr) == dict(acc=1.0, margin=1.0)
+
+def test_accuracy_counts_the_pairs_ranked_right_and_a_tie_as_wrong():
+    """Implicit-reward accuracy: chosen strictly above rejected. A tie (the policy cannot tell the two
+    apart, as at the reference) is not a pair ranked right."""
+    m = reward_metrics(torch.tensor([0.5, 0.0, -1.0, 2.0]), torch.tensor([0.1, 0.0, 0.0, 2.0]))
+    assert m == dict(acc=0.25, margin=pytest.approx((0.4 + 0 - 1 + 0) / 4))
 
 def test_rewards_are_detached_and_loss_has_the_dpo_gradient():
     pc = torch.tensor([-1.0], requires_grad=True)

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import compare
 import gradients
-from test_sample import H_POL, H_REF
+import stats
+from conftest import H_POL, H_REF
 
 BETA, K = 0.5, len(H_POL)
 R = torch.tensor([1.0, -0.5, 2.0, 0.0, -1.0], dtype=torch.float64)      # the oracle's reward of each response
@@ -117,4 +117,4 @@ def test_measure_reports_every_sampler_and_the_ceiling(setup):
     text = gradients.table([("bandit", got, 1.0)])
     assert text.count("\n") == 3 and "| bandit | 1.0 |" in text
     d = [t - v for t, v in zip(got["t_pilaf"], got["vanilla"])]          # paired by batch: the same (a)
-    assert text.rstrip().endswith(f"| {sum(d) / 2:+.3f} ± {compare.mean_ci(d)[1]:.3f} |"), text     # T-PILAF − Vanilla, last
+    assert text.rstrip().endswith(f"| {sum(d) / 2:+.3f} ± {stats.mean_ci(d)[1]:.3f} |"), text     # T-PILAF − Vanilla, last

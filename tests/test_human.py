@@ -5,13 +5,15 @@ import io
 import json
 import os
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import train
-from test_resume import TIMINGS
-from test_train import MICRO, read_jsonl
+from oracle import Person
+from pairs import Response
+from conftest import MICRO, TIMINGS, read_jsonl
 
 def human_args(d):
     """The tiny world's policy and prompts; a person labels, the world's oracle judges."""
@@ -103,3 +105,19 @@ def test_skipped_pairs_are_never_trained_on(tiny_world, tmp_path, monkeypatch, c
     last = read_jsonl(os.path.join(out, "metrics.jsonl"))[-1]
     assert code == 0 and len(shown) == 8 and last["step"] == 0 and last["kl"] == 0
     assert (last["answered"], last["skipped"], last["agree"]) == (0, 8, None)       # nothing to agree on
+
+def test_the_order_shown_is_the_pairs_uniform_and_the_answer_maps_back():
+    """Each pair's uniform decides which response is shown first (u < 1/2: b first), so the order on the
+    screen says nothing about where a response came from; an answer '1' picks whichever was shown first."""
+    class Judge:
+        def score(self, prompts, texts):
+            return torch.tensor([float(len(t)) for t in texts])
+    a = [Response("reply a one", [5], "pi+", 0.0, False), Response("reply a two", [6], "pi+", 0.0, False)]
+    b = [Response("reply b one", [7], "pi-", 0.0, False), Response("reply b two", [8], "pi-", 0.0, False)]
+    screen = io.StringIO()
+    person = Person(Judge(), SimpleNamespace(labels=2), io.StringIO("1\n1\n"), screen)
+    labels = list(person.label(["p", "p"], a, b, torch.tensor([0.9, 0.1])))
+    assert [l.a_wins for l in labels] == [True, False]                        # '1' both times: a, then b
+    shown = re.findall(r"\[1\] (reply \w+ \w+)", screen.getvalue())
+    assert shown == ["reply a one", "reply b two"]
+    assert [(l.score_a, l.score_b) for l in labels] == [(11.0, 11.0)] * 2      # the judge's scores stay a's and b's

@@ -9,20 +9,10 @@ from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassificatio
 
 import load
 import world
+from errors import UserError
+from conftest import standin_reward_model
 from oracle import Oracle
 from pairs import Response
-
-def standin_reward_model(tmp_path, with_pad):
-    """A hub-style reward model saved to a folder: GPT-2 classifier, byte-level BPE tokenizer."""
-    tok = world._bpe_tokenizer(["customer : my lamp arrived broken . agent : sorry about that ."] * 50, 280)
-    if not with_pad:       # like many hub tokenizers (GPT-2's, Llama's): no pad token
-        tok.pad_token = None
-    torch.manual_seed(0)
-    model = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tok), n_positions=64, n_layer=1, n_head=2,
-                                                     n_embd=16, num_labels=1, pad_token_id=tok.pad_token_id))
-    model.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    return load.load_oracle(str(tmp_path))
 
 PROMPTS = ["customer : my lamp arrived broken . agent :", "customer : hi . agent :", "customer : my lamp . agent :"]
 REPLIES = ["sorry about that .", "sorry about that . sorry about that . we will", "."]
@@ -43,7 +33,7 @@ def test_a_classifier_with_two_labels_is_refused(tmp_path):
     GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tok), n_positions=16, n_layer=1, n_head=2, n_embd=8,
                                              num_labels=2, pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    with pytest.raises(world.WorldError, match="num_labels=1"):
+    with pytest.raises(UserError, match="num_labels=1"):
         load.load_oracle(str(tmp_path))
 
 def replies(text, n):

@@ -3,20 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_lm
+from conftest import EOS, H_POL, H_REF, N_PROMPTS as N, PAD, PROMPTS, CountingLM, left_padded, one_token_pairs, tiny_lm
 from dpo import sequence_logps
 from pilaf import SAMPLERS, best_of_n
 from sample import generate, mix
-from test_sample import EOS, H_POL, H_REF, PAD, PROMPTS, FixedLogits, left_padded
-
-N = 8000   # prompts in the statistical checks: a frequency is off by > 4 standard errors with odds ~1e-4
-
-def one_token_pairs(name, h_pol, h_ref, beta, seed=0, **kw):
-    """Run a sampler on N identical one-token prompts with input-independent logits."""
-    gen = dict(max_new_tokens=1, eos_id=99, pad_id=PAD, temperature=1.0, generator=torch.Generator().manual_seed(seed))
-    out = SAMPLERS[name](FixedLogits(h_pol), FixedLogits(h_ref), torch.full((N, 1), 3), torch.ones(N, 1, dtype=torch.long),
-                         beta, gen, **kw)
-    return out
 
 def assert_follows(tokens, logits):
     p = F.softmax(torch.tensor(logits, dtype=torch.float64), -1)
@@ -100,7 +90,6 @@ def test_best_of_n_ties_give_two_different_candidates():
 def test_logged_forwards_are_the_rows_each_model_reads(name):
     """One decode loop per batch; every step, each model reads only the rows that use it. So the rows
     read, over the whole loop, are `forwards` times the steps: PILAF's reference only on pi+- rows."""
-    from test_sample import CountingLM
     pol, ref = CountingLM(tiny_lm(1)), CountingLM(tiny_lm(2))
     ids_p, mask_p = left_padded(PROMPTS * 4)
     gen = dict(max_new_tokens=6, eos_id=99, pad_id=PAD, temperature=1.0, generator=torch.Generator().manual_seed(2))

@@ -12,39 +12,35 @@ from safetensors.torch import load_file
 
 import oracle
 import train
-from test_train import MICRO, bad, read_jsonl, world_args
+from conftest import MICRO, TIMINGS, bad, lines, read_jsonl, weights, world_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMINGS = ("time", "tok_per_s", "reused")    # how long it took, and how many labels came from disk
-
 def run_train(argv, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")   # one thread: the same sums in every process
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + argv, env=env, cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
-
-def lines(path):
-    return open(path).read().count("\n") if os.path.exists(path) else 0
-
-def weights(run):
-    return load_file(os.path.join(run, "policy", "model.safetensors"))
 
 @pytest.mark.parametrize("mode", ["online", "iterative"])
 def test_a_killed_run_resumes_to_the_same_numbers(mode, tiny_world, tmp_path):
     """SIGKILL mid-run after some labels were bought past the last checkpoint, then --resume: the
     finished run's pairs.jsonl, metrics.jsonl (timings aside) and policy equal an uninterrupted run's,
     and the labels bought after the checkpoint are reused, not bought again."""
-    if mode == "online":   # 12 rounds of 16 pairs, checkpoints every 64 labels; killed with >= 96 labels on disk
-        argv, kill_at = ["--sampler", "pilaf", "--labels", "192", "--batch_size", "16", "--save_every", "64"], 96
+    if mode == "online":
+        # 12 rounds of 16 pairs, checkpoints every 48 labels, evaluations every 32: killed once the evaluation at
+        # 64 is written, after the checkpoint at 48, which holds the statistics of a step taken since the
+        # evaluation at 32 (so the resume must drop one metrics line and carry one step's statistics)
+        argv, kill_at, evals = ["--sampler", "pilaf", "--labels", "192", "--batch_size", "16", "--save_every", "48"], 64, 3
     else:                  # 2 rounds of 96 pairs (round 1 vanilla), checkpoint after round 1; killed in round 2
-        argv, kill_at = ["--sampler", "hybrid", "--mode", "iterative", "--iterations", "2", "--labels", "192",
-                         "--batch_size", "16", "--save_every", "96"], 128
+        argv, kill_at, evals = ["--sampler", "hybrid", "--mode", "iterative", "--iterations", "2", "--labels", "192",
+                                "--batch_size", "16", "--save_every", "96"], 128, 0
     argv += ["--eval_every", "32", "--eval_prompts", "8", "--eval_samples", "2", "--max_new_tokens", "12"] + world_args(tiny_world)
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     p = run_train(argv + ["--out", full])
     assert p.wait(timeout=600) == 0, p.stdout.read()
 
     p = run_train(argv + ["--out", cut])
-    while lines(os.path.join(cut, "pairs.jsonl")) < kill_at and p.poll() is None:
+    while (lines(os.path.join(cut, "pairs.jsonl")) < kill_at or lines(os.path.join(cut, "metrics.jsonl")) < evals) \
+            and p.poll() is None:
         time.sleep(0.002)
     p.send_signal(signal.SIGKILL)
     p.wait()
@@ -54,6 +50,8 @@ def test_a_killed_run_resumes_to_the_same_numbers(mode, tiny_world, tmp_path):
         saved = json.load(f)["labels"]
     on_disk = lines(os.path.join(cut, "pairs.jsonl"))
     assert on_disk > saved                                   # labels were bought after the last checkpoint
+    if mode == "online":
+        assert saved == 48 and lines(os.path.join(cut, "metrics.jsonl")) == 3
 
     p = run_train(["--resume", cut])
     out, _ = p.communicate(timeout=600)

@@ -1,49 +1,12 @@
-"""The KV-cached decode loop against a slow loop that recomputes the whole sequence every step."""
-from types import SimpleNamespace
-
+"""The KV-cached decode loop against sample.slow_generate, the plain loop that recomputes the whole
+sequence every step (stepping every model on every row); the draw against its distribution."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_lm
-from sample import draw, generate, mix
+from conftest import BETA, EOS, H_POL, H_REF, PAD, PROMPTS, CountingLM, FixedLogits, left_padded, tiny_lm
+from sample import draw, generate, mix, slow_generate
 
-EOS, PAD, BETA = 0, 1, 0.1
-
-@torch.no_grad()
-def slow_generate(models, weights, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature=1.0, generator=None):
-    """Reference: no cache, no row selection; every step runs every model over every row's prompt +
-    response so far, and mixes with the per-row weights (B, M) written out as a plain sum."""
-    B = prompt_ids.shape[0]
-    w = torch.as_tensor(weights, dtype=torch.float64).expand(B, len(models))
-    ids = torch.zeros(B, 0, dtype=torch.long)
-    mask = torch.zeros(B, 0, dtype=torch.long)
-    logps = torch.zeros(B, 0, dtype=torch.float64)
-    done = torch.zeros(B, dtype=torch.bool)
-    for _ in range(max_new_tokens):
-        x = torch.cat([prompt_ids, ids], 1)
-        attn = torch.cat([prompt_mask, mask], 1)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        logits = [m(input_ids=x, attention_mask=attn, position_ids=pos).logits[:, -1] for m in models]
-        z = sum(w[:, i, None] * F.log_softmax(h.double(), -1) for i, h in enumerate(logits))
-        lp = F.log_softmax(z / temperature if temperature > 0 else z, -1)
-        tok = draw(lp.exp(), generator) if temperature > 0 else lp.argmax(-1)
-        alive = ~done
-        ids = torch.cat([ids, torch.where(alive, tok, pad_id)[:, None]], 1)
-        mask = torch.cat([mask, alive.long()[:, None]], 1)
-        logps = torch.cat([logps, torch.where(alive, lp.gather(-1, tok[:, None]).squeeze(-1), 0.0)[:, None]], 1)
-        done |= tok == eos_id
-        if done.all():
-            break
-    return ids, mask, logps
-
-def left_padded(rows):
-    L = max(map(len, rows))
-    ids = torch.tensor([[PAD] * (L - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
-
-PROMPTS = [[3, 4, 5, 6, 7], [8, 2], [5, 5, 9, 10], [11]]
 MIXES = {"vanilla": ((1.0,), 1), "pi+": ((1 + BETA, -BETA), 2), "pi-": ((1 - BETA, BETA), 2)}
 
 @pytest.mark.parametrize("name", list(MIXES))
@@ -84,24 +47,6 @@ def test_a_row_is_the_same_whatever_else_is_in_the_batch():
         L = alone[0].shape[1]
         assert torch.equal(both[0][rows, :L], alone[0]) and not both[1][rows, L:].any()
         torch.testing.assert_close(both[2][rows, :L], alone[2], rtol=0, atol=1e-10)
-
-class CountingLM(torch.nn.Module):
-    """Wraps a model and records every call it gets: the shapes of its tokens and of its attention mask.
-    Models given one `log` list also leave themselves there at each call: the order they were called in."""
-    def __init__(self, model, log=None):
-        super().__init__()
-        self.model, self.calls, self.log = model, [], log
-
-    @property
-    def rows(self):
-        """Rows stepped, over all calls."""
-        return sum(ids[0] for ids, _ in self.calls)
-
-    def forward(self, input_ids, attention_mask, **kw):
-        self.calls.append((tuple(input_ids.shape), tuple(attention_mask.shape)))
-        if self.log is not None:
-            self.log.append(self)
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
 
 def test_a_model_reads_only_the_rows_that_use_it():
     pol, ref = CountingLM(tiny_lm(1)), CountingLM(tiny_lm(2))
@@ -178,9 +123,12 @@ def test_eos_masks_the_rest_and_stops_early():
         eos_at = (row[:n] == EOS).nonzero()
         assert len(eos_at) <= 1 and (len(eos_at) == 0 or eos_at.item() == n - 1)   # EOS only last, and kept
     ended = (ids == EOS).any(-1)
-    assert ended.any()
-    if ended.all():
-        assert ids.shape[1] < 40   # stopped as soon as every row was done
+    assert ended.any() and not ended.all() and ids.shape[1] == 40     # some rows ran to the end: all 40 steps
+    # where every row ends, the loop stops with the last of them: a model that puts all its mass on EOS
+    # ends every row at its first token, and the loop after one step
+    sure = FixedLogits([0.0] + [-1e4] * 11)
+    ids, mask, _ = generate([sure], (1.0,), ids_p, mask_p, 40, EOS, PAD, 1.0, torch.Generator().manual_seed(1))
+    assert ids.shape[1] == 1 and (ids == EOS).all() and mask.all()
 
 def test_any_of_several_eos_ids_ends_a_response():
     """A list of EOS ids (Llama-3's generation config has two): each one ends its row, kept as the last token."""
@@ -195,20 +143,6 @@ def test_any_of_several_eos_ids_ends_a_response():
         ends |= {row[n - 1].item()} if stops else set()
     assert ends == {EOS, 7}                  # both ids did end responses
 
-class FixedLogits(torch.nn.Module):
-    """A mock LM whose next-token logits never depend on the input: for exact distribution checks."""
-    def __init__(self, logits):
-        super().__init__()
-        self.h = torch.tensor(logits, dtype=torch.float64)
-        self.calls = 0
-
-    def forward(self, input_ids, cache=None, **kw):
-        self.calls += 1
-        B, T = input_ids.shape
-        return SimpleNamespace(logits=self.h.expand(B, T, -1), cache=(cache or 0) + 1)
-
-H_POL = [2.0, 0.5, -1.0, 1.0, 0.0]
-H_REF = [0.0, 1.0, 0.5, -0.5, 0.3]
 
 def test_mix_matches_the_paper_formula():
     hp, hr = torch.tensor([H_POL]), torch.tensor([H_REF])

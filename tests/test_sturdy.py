@@ -9,15 +9,16 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
 import checkpoint
+import pairs
 import train
-from test_resume import TIMINGS, lines, weights
-from test_train import MICRO, bad, read_jsonl, world_args
+from conftest import MICRO, TIMINGS, TINY_WORLD, bad, lines, read_jsonl, weights, world_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -275,15 +276,16 @@ def test_a_full_disk_stops_in_one_line_and_the_run_resumes_exactly(tiny_world, u
     """Writes that fail with ENOSPC (a checkpoint's, or a pair's): one line naming the folder, the disk and
     the last good checkpoint, exit 1; once there is space, --resume ends as a run never stopped."""
     argv = STOP_ARGV + world_args(tiny_world)
-    for target, at in (("write_json", 4), ("append", 100)):      # the pointer of the checkpoint at 128; a pair past 64
+    # the pointer of the checkpoint at 128 (checkpoints at 0, 64, 128); a pair past 64
+    for where, target, at in ((checkpoint, "write_json", 3), (pairs.Ledger, "write", 100)):
         out = str(tmp_path / target)
-        real, calls = getattr(checkpoint, target), []
+        real, calls = getattr(where, target), []
         def full(*a, real=real, calls=calls, at=at):
             calls.append(1)
             if len(calls) >= at:
                 raise OSError(errno.ENOSPC, "No space left on device")
             return real(*a)
-        monkeypatch.setattr(checkpoint, target, full)
+        monkeypatch.setattr(where, target, full)
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             train.main(argv + ["--out", out])
@@ -293,7 +295,7 @@ def test_a_full_disk_stops_in_one_line_and_the_run_resumes_exactly(tiny_world, u
         assert e.value.code == 1 and len(err) == 1, err
         assert f"the disk holding {os.path.abspath(out)} is full (No space left on device" in err[0], err
         assert "the last checkpoint at 64" in err[0] and f"--resume {out}" in err[0], err
-        monkeypatch.setattr(checkpoint, target, real)
+        monkeypatch.setattr(where, target, real)
         p = run_train(["--resume", out])
         assert p.returncode == 0, p.stderr[-2000:]
         same_run(uninterrupted, out)
@@ -438,7 +440,7 @@ def test_a_person_sees_whole_words_and_a_cut_reply_marked(monkeypatch):
     words = ("sorry about that . we will find the missing kettle . your kettle matters to us . have a nice day .")
     first, second = Response(words, [], "pi", 0.0, cut=False), Response(words + " we will", [], "pi", 0.0, cut=True)
     screen = io.StringIO()
-    assert Person(io.StringIO("2\n"), screen, None, 8).ask("customer : my kettle is missing . agent :", first, second,
+    assert Person(None, SimpleNamespace(labels=8), io.StringIO("2\n"), screen).ask("customer : my kettle is missing . agent :", first, second,
                                                            "pair 1 of 8") == 1
     shown = screen.getvalue()
     assert max(len(l) for l in shown.splitlines() if not l.startswith("which")) <= 44
@@ -464,7 +466,6 @@ def test_help_shows_each_default_once():
 
 def test_the_world_build_prints_no_library_warnings(tmp_path, capfd, caplog):
     import world
-    from conftest import TINY_WORLD
     world.build(str(tmp_path / "w"), dict(TINY_WORLD, sft_examples=200, rm_examples=200))
     err = capfd.readouterr().err
     assert "loss_type" not in err and "warn" not in err.lower(), err[-2000:]

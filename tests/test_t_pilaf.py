@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pilaf import resample, t_pilaf
-from test_pilaf import one_token_pairs
-from test_sample import H_POL, H_REF
+from conftest import H_POL, H_REF, MICRO, bad, one_token_pairs, read_jsonl, world_args
 
 def exact(h_pol, h_ref, beta):
     """pi, pi+, pi- over one-token responses, and the tilted share Z+Z-/(1+Z+Z-)."""
@@ -74,7 +73,6 @@ def test_t_pilaf_runs_end_to_end_and_records_its_branch(tiny_world, tmp_path):
     import json
     import os
     import train
-    from test_train import MICRO, read_jsonl, world_args
     out = str(tmp_path / "run")
     last = train.main(["--sampler", "t_pilaf", "--n", "4", "--out", out] + MICRO + world_args(tiny_world))
     pairs = read_jsonl(os.path.join(out, "pairs.jsonl"))
@@ -89,5 +87,4 @@ def test_t_pilaf_runs_end_to_end_and_records_its_branch(tiny_world, tmp_path):
     (["--sampler", "pilaf", "--n", "4"], "--n is an option of --sampler best_of_n and t_pilaf, which --sampler pilaf cannot use"),
 ])
 def test_t_pilaf_bad_input_fails_in_one_line(argv, match, capsys, tmp_path):
-    from test_train import bad
     bad(argv + ["--out", str(tmp_path / "run"), "--world", str(tmp_path / "world")], capsys, match)

@@ -11,16 +11,7 @@ import load
 import options
 import train
 import world
-
-def world_args(d):
-    return ["--policy", os.path.join(d, "policy"), "--oracle", os.path.join(d, "oracle"), "--prompts", os.path.join(d, "prompts")]
-
-MICRO = ["--labels", "32", "--batch_size", "8", "--eval_every", "16", "--eval_prompts", "8", "--eval_samples", "1",
-         "--max_new_tokens", "12"]
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
+from conftest import H_POL, H_REF, MICRO, FixedLogits, bad, read_jsonl, standin_reward_model, tiny_lm, world_args
 
 def test_online_pilaf_run_writes_everything(tiny_world, tmp_path):
     out = str(tmp_path / "run")
@@ -56,13 +47,6 @@ def test_same_seed_same_numbers(tiny_world, tmp_path):
         runs.append([{k: v for k, v in m.items() if k not in ("time", "tok_per_s")}
                      for m in read_jsonl(os.path.join(out, "metrics.jsonl"))])
     assert runs[0] == runs[1]
-
-def bad(argv, capsys, match):
-    capsys.readouterr()   # only what train.py prints counts
-    with pytest.raises(SystemExit) as e:
-        train.main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and match in err, err
 
 @pytest.mark.parametrize("argv,match", [
     (["--sampler", "nope"], "invalid choice: 'nope'"),
@@ -122,7 +106,6 @@ def test_an_existing_run_is_never_overwritten_silently(tiny_world, capsys, tmp_p
 def test_hub_style_models_and_hh_prompts(tiny_world, tmp_path):
     """The real-model path on local stand-ins: a policy tokenizer without a pad token (like GPT-2's),
     an oracle with its own tokenizer and no pad token, HH-RLHF-style dialogues as prompts."""
-    from test_oracle import standin_reward_model
     policy, tok = load.load_policy(os.path.join(tiny_world, "policy"))
     tok.pad_token = None
     policy.save_pretrained(tmp_path / "gpt2-like")
@@ -137,7 +120,11 @@ def test_hub_style_models_and_hh_prompts(tiny_world, tmp_path):
                        "--prompt_column", "chosen", "--prompt_format", "hh", "--out", out] + MICRO)
     pairs = read_jsonl(os.path.join(out, "pairs.jsonl"))
     assert len(pairs) == 32 and pairs[0]["prompt"].endswith("\n\nAssistant:")
-    assert last["labels"] == 32 and last["eos"] >= 0
+    assert last["labels"] == 32
+    # pad is EOS here (the tokenizer has no pad token): a response that ended keeps its EOS, never taken for padding
+    eos = policy.config.eos_token_id
+    ended = [r for p in pairs for r in (p["chosen_ids"], p["rejected_ids"]) if len(r) < 12]
+    assert ended and all(r[-1] == eos and eos not in r[:-1] for r in ended)
 
 def test_prompts_too_long_for_the_context_are_left_out(tiny_world, tmp_path, capsys):
     argv = ["--out", str(tmp_path / "run")] + MICRO + world_args(tiny_world)
@@ -149,7 +136,6 @@ def test_prompts_too_long_for_the_context_are_left_out(tiny_world, tmp_path, cap
     assert prompts and max(len(tok(p)["input_ids"]) for p in prompts) <= 12
 
 def test_init_from_another_vocabulary_fails_in_one_line(tiny_world, capsys, tmp_path):
-    from conftest import tiny_lm
     other = tmp_path / "other"
     tiny_lm(0).save_pretrained(other)
     world._word_tokenizer(["a", "b"]).save_pretrained(other)
@@ -254,6 +240,27 @@ def test_behavior_reference_needs_the_sampling_policy(tiny_world, capsys, tmp_pa
     pairs.write_text("")
     bad(["--reference", "behavior", "--from_pairs", str(pairs), "--out", str(tmp_path / "run")] + world_args(tiny_world),
         capsys, "--reference behavior anchors to the policy that sampled the pairs")
+
+def test_evaluate_measures_the_kl_from_the_policy_to_the_reference():
+    """Logits that do not depend on the input, and no EOS within reach: every response is 5 tokens, and
+    each adds KL(pi || pi_ref) of the two fixed next-token distributions, whatever was sampled; the
+    reverse KL(pi_ref || pi) is another number (0.765 against 0.726 here)."""
+    class Tok:       # prompts are one token; a response decodes to its token ids
+        pad_token_id, eos_token_id = 1, 99
+        def __call__(self, texts, padding=True, return_tensors="pt"):
+            return dict(input_ids=torch.full((len(texts), 1), 3), attention_mask=torch.ones(len(texts), 1, dtype=torch.long))
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids.tolist()))
+    class Zero:
+        def score(self, prompts, responses):
+            return torch.zeros(len(prompts))
+    lp, lq = torch.log_softmax(torch.tensor(H_POL, dtype=torch.float64), -1), torch.log_softmax(torch.tensor(H_REF, dtype=torch.float64), -1)
+    kl, reverse = (lp.exp() * (lp - lq)).sum().item(), (lq.exp() * (lq - lp)).sum().item()
+    assert abs(kl - reverse) > 0.02
+    m = train.evaluate(FixedLogits(H_POL), FixedLogits(H_REF), Tok(), Zero(), ["p"] * 50, beta=0.1, samples=2,
+                       max_new_tokens=5)
+    assert m["len"] == 5 and m["kl"] == pytest.approx(5 * kl, rel=1e-6) and m["kl_se"] < 1e-6
+    assert m["J"] == pytest.approx(-0.1 * 5 * kl, rel=1e-6)
 
 def test_evaluate_standard_errors_hand_computed(tiny_world):
     """An oracle that scores response i as i: the reward's mean and standard error are those of

@@ -8,6 +8,7 @@ from datasets import Dataset, DatasetDict
 
 import load
 import world
+from errors import UserError
 from conftest import TINY_WORLD
 
 P = "customer : my kettle is missing . agent :"
@@ -64,19 +65,19 @@ def test_ensure_uses_the_cache_and_rebuilds_when_settings_change(tiny_world, mon
 def test_vocabulary_mismatch_fails_clearly(tiny_world, tmp_path):
     _, tok = load.load_policy(os.path.join(tiny_world, "policy"))
     other = world._word_tokenizer(["a", "b"])
-    with pytest.raises(world.WorldError, match="same vocabulary"):
+    with pytest.raises(UserError, match="same vocabulary"):
         load.check_vocab(other, tok)
 
 def test_a_folder_that_is_not_a_world_is_never_replaced(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(world.WorldError, match="holds no world"):
+    with pytest.raises(UserError, match="holds no world"):
         world.ensure(str(tmp_path), TINY_WORLD)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 def test_missing_folder_and_offline_hub_name_fail_clearly(tmp_path):
-    with pytest.raises(world.WorldError, match="no config.json"):
+    with pytest.raises(UserError, match="no config.json"):
         load.check_name("policy", str(tmp_path / "nope"))
-    with pytest.raises(world.WorldError, match="cannot load policy 'no-such-org/no-such-model'"):
+    with pytest.raises(UserError, match="cannot load policy 'no-such-org/no-such-model'"):
         load.check_name("policy", "no-such-org/no-such-model")
 
 def save_prompts(path, **splits):
@@ -95,13 +96,13 @@ def test_prompt_formats_hh_and_imdb(tmp_path):
 
 def test_prompt_data_set_errors_name_the_fix(tmp_path):
     d = save_prompts(tmp_path / "hh", train={"chosen": ["no turns here"]}, test={"chosen": ["b"]})
-    with pytest.raises(world.WorldError, match="--prompt_format raw"):
+    with pytest.raises(UserError, match="--prompt_format raw"):
         load.load_prompts(d, "chosen", "hh")
     d = save_prompts(tmp_path / "ints", train={"text": [1, 2]}, test={"text": ["b"]})
-    with pytest.raises(world.WorldError, match="non-empty column of strings"):
+    with pytest.raises(UserError, match="non-empty column of strings"):
         load.load_prompts(d, "text")
     d = save_prompts(tmp_path / "p", train={"text": ["a"]}, test={"text": ["b"]})
-    with pytest.raises(world.WorldError, match="no column 'prompt'.*--prompt_column"):
+    with pytest.raises(UserError, match="no column 'prompt'.*--prompt_column"):
         load.load_prompts(d)
-    with pytest.raises(world.WorldError, match="'valid' splits"):
+    with pytest.raises(UserError, match="'valid' splits"):
         load.load_prompts(d, "text", test_split="valid")
