@@ -28,7 +28,7 @@ import torch
 
 import ddp
 from errors import Stop, UserError, leave
-from folder import POINTER, read_lines, still_ours, write_json
+from folder import POINTER, lines_hash, read_lines, still_ours, write_json
 from sample import NOT_FINITE
 
 def save(run, w):
@@ -43,6 +43,9 @@ def save(run, w):
         return
     still_ours()
     state["pairs_sha256"] = lines_hash(os.path.join(run.out, "pairs.jsonl"), run.labels)
+    state["config_sha256"] = file_hash(os.path.join(run.out, "config.json"))
+    if w.source is not None:      # --from_pairs: the lines of the source file this run trains on
+        state["source_sha256"] = w.source_sha256
     rngs = dict(torch=torch.get_rng_state(), sample=[s for s, _ in gens], label=[l for _, l in gens])
     name = f"labels-{run.labels:07d}"
     root = os.path.join(run.out, "checkpoints")
@@ -63,69 +66,98 @@ def save(run, w):
         if d != name:
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
-def lines_hash(path, n):
-    """sha256 of the first n lines of a file."""
-    h = hashlib.sha256()
-    for line in read_lines(path)[:n]:
-        h.update(line.encode())
-    return h.hexdigest()
+def damaged(out, why):
+    return UserError(f"{os.path.join(out, POINTER)} is damaged ({why}) -- the run cannot continue from it; train on "
+                     f"its labels with --from_pairs {out}/pairs.jsonl and another --out")
 
 def latest(out):
     """The latest checkpoint's counters (with 'dir', its folder, and 'policy'), or None if the run has
-    none. A damaged checkpoint.json or a missing checkpoint folder exits 2 with one line."""
+    none. A damaged checkpoint.json, or one that names a checkpoint that is not this run's own, raises
+    UserError (one line, exit 2)."""
     path = os.path.join(out, POINTER)
     if not os.path.exists(path):
         return None
-    damaged = (f"train on its labels with --from_pairs {out}/pairs.jsonl and another --out")
     try:
         with open(path) as f:
             state = json.load(f)
-        missing = [k for k in ("labels", "metrics", "time", "python_rng", "nproc", "dir") if k not in state]
-        if missing:
-            raise ValueError(f"no '{missing[0]}'")
-    except (ValueError, TypeError) as e:
-        raise UserError(f"{path} is damaged ({e}) -- the run cannot continue from it; {damaged}") from None
+    except ValueError as e:
+        raise damaged(out, e) from None
+    if not isinstance(state, dict):
+        raise damaged(out, "not an object")
+    missing = [k for k in ("labels", "metrics", "time", "python_rng", "nproc", "dir") if k not in state]
+    if missing:
+        raise damaged(out, f"no '{missing[0]}'")
+    if not all(_count(state[k]) for k in ("labels", "metrics", "nproc")) or not isinstance(state["time"], (int, float)):
+        raise damaged(out, "its counters are not counts")
+    if state["dir"] != os.path.join("checkpoints", f"labels-{state['labels']:07d}"):   # this run's own, at its count
+        raise damaged(out, f"it names {state['dir']!r}, not this run's checkpoint at {state['labels']} labels")
     state["dir"] = os.path.join(out, state["dir"])
     state["policy"] = os.path.join(state["dir"], "policy")
     for f in ("policy/config.json", "optimizer.pt", "rng.pt"):
         if not os.path.exists(os.path.join(state["dir"], f)):
             raise UserError(f"{path} names {state['dir']}, which has no {f} -- the checkpoint was removed or moved; "
-                            f"{damaged}")
+                            f"train on its labels with --from_pairs {out}/pairs.jsonl and another --out")
     return state
 
-def restore(run, ck):
+def _count(x):
+    return type(x) is int and x >= 0
+
+def restore(run, ck, w):
     """Set `run` (train.start's: counters, generators, optimizer) where checkpoint `ck` left it, after
     checking that the folder holds what the checkpoint accounts for: at least its lines of pairs.jsonl,
-    unchanged (their hash), and of metrics.jsonl. Under torchrun each rank takes its own generators."""
+    unchanged (their hash), and of metrics.jsonl, config.json as it was, and --from_pairs' source as it
+    was; and that what it saved is what a run saves (its prompt order indexes w's training prompts).
+    Under torchrun each rank takes its own generators."""
     out = run.out
     missing = [f.name for f in dataclasses.fields(run) if f.name not in ck]
     if missing:
-        raise UserError(f"{out}/{POINTER} is damaged (no '{missing[0]}') -- the run cannot continue from it; train on "
-                        f"its labels with --from_pairs {out}/pairs.jsonl and another --out")
+        raise damaged(out, f"no '{missing[0]}'")
+    kinds = {f.name: type(getattr(run, f.name)) for f in dataclasses.fields(run)}
+    bad = [k for k, t in kinds.items() if not (_count(ck[k]) if t is int else isinstance(ck[k], (int, float))
+                                               if t is float else ck[k] is None or isinstance(ck[k], dict)
+                                               if k == "last" else isinstance(ck[k], t))]
+    if bad or not all(_count(i) and i < len(w.train_prompts) for i in ck["order"]):
+        raise damaged(out, f"'{bad[0] if bad else 'order'}' is not what a run saves there")
     if ck["nproc"] != ddp.nproc:
         raise UserError(f"--resume {out}: the run was made with {ck['nproc']} processes, this is {ddp.nproc} -- resume it "
                         + (f"with torchrun --nproc_per_node {ck['nproc']}" if ck["nproc"] > 1 else "with plain python train.py"))
     pairs_path = os.path.join(out, "pairs.jsonl")
     lines, metrics = read_lines(pairs_path), read_lines(os.path.join(out, "metrics.jsonl"))
-    damaged = (f"pairs.jsonl holds {len(lines)} pairs, fewer than its checkpoint's {ck['labels']}"
+    changed = (f"pairs.jsonl holds {len(lines)} pairs, fewer than its checkpoint's {ck['labels']}"
                if len(lines) < ck["labels"] else
                f"metrics.jsonl holds {len(metrics)} evaluations, fewer than its checkpoint's {ck['metrics']}"
                if len(metrics) < ck["metrics"] else
                f"the first {ck['labels']} lines of pairs.jsonl are not the ones its checkpoint counted"
-               if ck.get("pairs_sha256") not in (None, lines_hash(pairs_path, ck["labels"])) else None)
-    if damaged:
-        raise UserError(f"--resume {out}: {damaged} -- the folder was changed since; train on its labels with "
+               if ck.get("pairs_sha256") not in (None, lines_hash(pairs_path, ck["labels"])) else
+               "config.json is not the one the run started with"
+               if ck.get("config_sha256") not in (None, file_hash(os.path.join(out, "config.json"))) else
+               f"the --from_pairs file it trains on ({w.source_path}) changed since it started"
+               if w.source is not None and ck.get("source_sha256") != w.source_sha256 else None)
+    if changed:
+        raise UserError(f"--resume {out}: {changed} -- the folder was changed since; train on its labels with "
                         f"--from_pairs {pairs_path} and another --out")
+    try:
+        s = ck["python_rng"]
+        run.rng.setstate((s[0], tuple(s[1]), s[2]))
+    except (TypeError, ValueError, IndexError, KeyError) as e:
+        raise damaged(out, f"'python_rng' is not a random state: {e}") from None
     for f in dataclasses.fields(run):
         setattr(run, f.name, ck[f.name])
     run.t0 -= ck["time"]
-    s = ck["python_rng"]
-    run.rng.setstate((s[0], tuple(s[1]), s[2]))
     opt, rngs = load_tensors(ck["dir"])
-    run.opt.load_state_dict(opt)
-    torch.set_rng_state(rngs["torch"])
-    run.g_sample.set_state(rngs["sample"][ddp.rank])
-    run.g_label.set_state(rngs["label"][ddp.rank])
+    try:
+        run.opt.load_state_dict(opt)
+        torch.set_rng_state(rngs["torch"])
+        run.g_sample.set_state(rngs["sample"][ddp.rank])
+        run.g_label.set_state(rngs["label"][ddp.rank])
+    except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as e:
+        raise UserError(f"{ck['dir']} holds optimizer or generator states of another run ({str(e).splitlines()[0][:80]}) "
+                        f"-- train on its labels with --from_pairs {pairs_path} and another --out") from None
+
+def file_hash(path):
+    """sha256 of a file's bytes."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 def load_tensors(ckpt_dir):
     """Optimizer and RNG states of a checkpoint, read without running any pickled code."""
@@ -133,9 +165,10 @@ def load_tensors(ckpt_dir):
     for f in ("optimizer.pt", "rng.pt"):
         try:
             got.append(torch.load(os.path.join(ckpt_dir, f), weights_only=True))
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-            raise UserError(f"{os.path.join(ckpt_dir, f)} holds something other than tensors ({str(e).splitlines()[0][:80]}) "
-                            f"and is not read -- it was not written by train.py; start the run again with --overwrite") from None
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+            raise UserError(f"{os.path.join(ckpt_dir, f)} holds something other than tensors, or is cut short "
+                            f"({str(e).splitlines()[0][:80]}), and is not read -- it was not written whole by train.py; "
+                            f"train on the run's labels with --from_pairs and another --out") from None
     return got
 
 def finite_or_stop(run, loss, norm):

@@ -67,7 +67,7 @@ def get_args(argv=None):
     cut = argv.index("--") if "--" in argv else len(argv)   # after "--": train.py's own arguments
     argv, extra = argv[:cut], argv[cut + 1:]
     p = argparse.ArgumentParser(description="Run every sampler for several seeds with one budget; tabulate and plot.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=options.Help,
                                 epilog="Arguments after -- are passed to every train.py run, e.g. -- --labels 256")
     p.error = die
     p.add_argument("--mode", default="online", choices=["online", "iterative"], help="online or iterative DPO")

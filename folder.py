@@ -15,6 +15,7 @@ flushed line by line, so a kill at any moment leaves each file whole.
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -53,6 +54,13 @@ def read_lines(path):
     with open(path) as f:
         lines = f.readlines()
     return [l for l in lines if l.endswith("\n")]
+
+def lines_hash(path, n):
+    """sha256 of the first n lines of a file."""
+    h = hashlib.sha256()
+    for line in read_lines(path)[:n]:
+        h.update(line.encode())
+    return h.hexdigest()
 
 # -----------------------------------------------------------------------------
 # one writer, in a folder that is a run's
@@ -220,19 +228,21 @@ def stopped(args, e):
     """One line for a run that stops before its end, and its exit code. Everything it bought is on
     disk (pairs are flushed as they are labelled), and --resume continues from the last checkpoint."""
     if isinstance(e, OSError):
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise e
-        e = Stop(f"the disk holding {os.path.abspath(args.out)} is full ({e.strerror})", 1)
+        where = f"{e.filename}: " if e.filename else ""
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            die(f"cannot write in {args.out} ({where}{e.strerror}) -- make the folder writable, or pass another --out")
+        e = Stop(f"the disk holding {os.path.abspath(args.out)} is full ({e.strerror})" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                 else f"{where}{e.strerror}", 1)
     try:
         with open(os.path.join(args.out, POINTER)) as f:
-            ck = json.load(f)
-    except (OSError, ValueError):
+            ck = json.load(f).get("labels")
+    except (OSError, ValueError, AttributeError):
         ck = None
     n = len(read_lines(os.path.join(args.out, "pairs.jsonl")))
     again = (f"torchrun --nproc_per_node {ddp.nproc} " if ddp.on else "python ") + f"train.py --resume {args.out}"
-    where = (f"{n} labels on disk in {args.out}/pairs.jsonl, the last checkpoint at {ck['labels']}" if ck else
+    where = (f"{n} labels on disk in {args.out}/pairs.jsonl, the last checkpoint at {ck}" if ck is not None else
              "before the first checkpoint, with no label bought")
-    then = f"continue with {again}" if ck else "run the same command again"
+    then = f"continue with {again}" if ck is not None else "run the same command again"
     why, code = ("Ctrl-C", 130) if isinstance(e, KeyboardInterrupt) else (e.why, e.code)
     fix = getattr(e, "fix", None) or (f"free some space, then {then}" if why.startswith("the disk") else then)
     line = f"stopped{f' ({why})' if why else ''}: {where} -- {fix}"

@@ -15,6 +15,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+import folder
 import pairs
 import world
 from errors import UserError
@@ -49,11 +50,24 @@ def context_length(config):
     """Positions a model can read (GPT-2 calls it n_positions, most others max_position_embeddings)."""
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
+DATA_FILES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}   # --prompts as a file
+
+def looks_local(name):
+    """Is `name` meant as a file or folder here rather than a hub name ('gpt2', 'org/name')? It says so
+    (./, /, ~, a data file's extension, more than one '/'), or it, or its first part, is here."""
+    return (name.startswith((".", "/", "~")) or os.path.splitext(name)[1] in DATA_FILES or name.count("/") > 1
+            or os.path.exists(name.split("/")[0]))
+
+def check_local(what, name):
+    """A model folder named here must exist and hold a config.json: said at once, before any hub is asked."""
+    if name and looks_local(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        raise UserError(f"{what} folder '{name}' " + ("has no config.json -- pass a folder saved with save_pretrained, "
+                        "or a hub name" if os.path.isdir(name) else "does not exist -- pass a folder saved with "
+                        "save_pretrained, or a hub name"))
+
 def check_name(what, name):
     """Fail early (before any weights are read) when a model folder is missing or unreadable."""
-    looks_local = name.startswith((".", "/", "~")) or os.path.exists(name)
-    if looks_local and not os.path.isfile(os.path.join(name, "config.json")):
-        raise UserError(f"{what} folder '{name}' has no config.json -- pass a folder saved with save_pretrained, or a hub name")
+    check_local(what, name)
     cfg = _load(what, name, lambda n: AutoConfig.from_pretrained(n, trust_remote_code=False))
     if getattr(cfg, "auto_map", None):      # a hub model that asks for its own code (nothing of it was run)
         raise UserError(f"{what} '{name}' asks to run code of its own (auto_map in its config) -- loading never runs "
@@ -119,11 +133,19 @@ def _imdb_prompt(text, n_words=8):
 FORMATS = {"raw": lambda t: t, "hh": _hh_prompt, "imdb": _imdb_prompt}
 
 def load_prompts(name, column="prompt", fmt="raw", train_split="train", test_split="test"):
-    """(train prompts, test prompts) as lists of strings, from a saved DatasetDict folder or a hub name."""
+    """(train prompts, test prompts) as lists of strings, from a saved DatasetDict folder, a hub name, or
+    one data file (.jsonl, .json, .csv, .parquet), of which a fixed fifth of the rows is held out."""
     import datasets
     if fmt not in FORMATS:
         raise UserError(f"unknown prompt format '{fmt}' -- use one of {', '.join(FORMATS)}")
-    loader = datasets.load_from_disk if os.path.isdir(name) else datasets.load_dataset
+    check_prompts(name)
+    kind = DATA_FILES.get(os.path.splitext(name)[1])
+    if kind:
+        def loader(n):   # one split; the held-out fifth is drawn with a fixed seed, so every run holds out the same rows
+            ds = datasets.load_dataset(kind, data_files=n)["train"].train_test_split(test_size=0.2, seed=0)
+            return datasets.DatasetDict({train_split: ds["train"], test_split: ds["test"]})
+    else:
+        loader = datasets.load_from_disk if os.path.isdir(name) else datasets.load_dataset
     ds = _load("prompt data set", name, loader)
     if not isinstance(ds, datasets.DatasetDict) or train_split not in ds or test_split not in ds:
         splits = list(ds) if isinstance(ds, datasets.DatasetDict) else "none"
@@ -140,6 +162,12 @@ def load_prompts(name, column="prompt", fmt="raw", train_split="train", test_spl
                             f"-- pick a text column with --prompt_column")
         out.append([FORMATS[fmt](t) for t in texts])
     return out
+
+def check_prompts(name):
+    """A data set named as a file or folder here must exist: said at once, before any hub is asked."""
+    if name and looks_local(name) and not os.path.exists(name):
+        raise UserError(f"prompt data set '{name}' does not exist -- pass a saved DatasetDict folder, a .jsonl, .json, "
+                        f".csv or .parquet file, or a hub name")
 
 # -----------------------------------------------------------------------------
 # a run's whole set
@@ -185,6 +213,7 @@ def load(args, start_from=None):
     tok = load_policy_tokenizer(args.policy)
     source = pairs.read(args.from_pairs, cfg.vocab_size, args.labels) if args.from_pairs else None
     if source is not None:
+        check_tokens(source, tok, args.from_pairs)
         beta_note(args)
     train_prompts, test_prompts = fit_context(args, tok, cfg, *without_empty(train_prompts, test_prompts))
     if args.eval_prompts > len(test_prompts) and args.eval_prompts != EVAL_PROMPTS:
@@ -202,10 +231,23 @@ def load(args, start_from=None):
     oracle = Oracle(orm.to(args.device), orm_tok, fmt=args.oracle_format, how=args.label)   # or the judge
     return SimpleNamespace(ref=ref.to(args.device).requires_grad_(False),
                            policy=policy.to(args.device),   # stays in eval mode: no dropout, so policy == ref gives loss log 2
-                           tok=tok, eos=eos_ids(ref, tok), source=source, oracle=oracle,
+                           tok=tok, eos=eos_ids(ref, tok), oracle=oracle,
+                           # --from_pairs: its pairs, and a hash of the lines this run trains on (a resume checks it)
+                           source=source, source_path=args.from_pairs,
+                           source_sha256=source and folder.lines_hash(args.from_pairs, args.labels),
                            # the labeller: the oracle, or one of oracle.LABELLERS (a person at this terminal) with it as judge
                            labeller=LABELLERS[args.oracle](oracle, args) if args.oracle in LABELLERS else oracle,
                            train_prompts=train_prompts, test_prompts=test_prompts[:args.eval_prompts])
+
+def check_tokens(source, tok, path):
+    """--from_pairs' pairs must be this tokenizer's: each prompt's ids are its own tokens, each response's
+    ids decode to the stored text (another tokenizer of the same vocabulary size passes the range check
+    in pairs.read, not this one)."""
+    for n, p in enumerate(source, 1):
+        if (tok(p.prompt)["input_ids"] != p.prompt_ids or tok.decode(p.chosen_ids, skip_special_tokens=True) != p.chosen
+                or tok.decode(p.rejected_ids, skip_special_tokens=True) != p.rejected):
+            raise UserError(f"{path} line {n}: its token ids are not the policy tokenizer's tokens of its texts -- these "
+                            f"pairs were made with another tokenizer; pass the --policy they came from")
 
 def beta_note(args):
     """--from_pairs with another beta: its J (reward - beta*KL) is not the source run's J; say so."""
@@ -237,6 +279,9 @@ def fit_context(args, tok, cfg, train_prompts, test_prompts):
     lens = [list(map(len, tok(ps)["input_ids"])) for ps in (train_prompts, test_prompts)]
     room = n_ctx - args.max_new_tokens
     shortest = max(min(ls) for ls in lens)      # each split needs one prompt that fits
+    if shortest >= n_ctx:
+        raise UserError(f"every prompt of a split is as long as the policy's context ({n_ctx} tokens) or longer, "
+                        f"leaving no room for a response -- pass shorter prompts (or --prompt_format to cut them)")
     if shortest > room:
         raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for the prompts in the policy's "
                         f"context ({n_ctx} tokens) -- lower --max_new_tokens to {n_ctx - shortest} or less")

@@ -19,7 +19,7 @@ import load
 import pilaf
 import world
 from dpo import LOSSES
-from errors import die
+from errors import UserError, die
 from oracle import LABELLERS
 
 SAMPLER_OPTIONS = "sampler options (each for the samplers that take it)"
@@ -114,6 +114,17 @@ def get_args(argv=None):
             die(f"--{k} is an option of --sampler {' and '.join(takers)}, which --sampler {args.sampler} cannot use "
                 f"-- leave it out")
     args.out = args.out or os.path.join("out", f"{args.sampler}-{args.mode}-s{args.seed}")
+    try:        # named files and folders that are not there: said now, before anything about the run folder
+        for what, name in (("policy", args.policy), ("--init_from checkpoint", args.init_from),
+                           ("judge" if args.oracle in LABELLERS else "oracle", args.judge or
+                            (None if args.oracle in LABELLERS else args.oracle))):
+            load.check_local(what, name)
+        load.check_prompts(args.prompts)
+    except UserError as e:
+        die(str(e))
+    if args.oracle in LABELLERS and "labels" not in given:
+        print(f"note: --oracle {args.oracle}: you will be asked to label {args.labels} pairs (--labels, the default); "
+              f"pass --labels N for another number (and --batch_size N, if N is less than {args.batch_size})")
     if args.from_pairs and inside(args.from_pairs, args.out):
         die(f"--from_pairs {args.from_pairs} is inside --out {args.out}, whose pairs.jsonl the run writes -- "
             f"pass another --out")
@@ -133,6 +144,8 @@ def check(args, fail=die):
     for name in ["beta", "lr", "temperature", "xpo_alpha"]:
         if not math.isfinite(getattr(args, name)):
             fail(f"--{name} must be a finite number (got {getattr(args, name)})")
+    if not 0 <= args.seed < 2 ** 62:
+        fail(f"--seed must be between 0 and 2**62 (got {args.seed})")
     if args.beta <= 0:
         fail(f"--beta must be > 0 (got {args.beta}); the paper uses 0.1")
     if args.lr <= 0 or args.temperature < 0 or args.xpo_alpha < 0:

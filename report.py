@@ -41,12 +41,14 @@ def report(runs, beta=0.1):
     Vanilla's final mean J."""
     final = {s: {k: mean_ci([m[-1][k] for m in r]) for k in ("reward", "kl", "J", "labels", "judged_per_label",
                                                             "fwd_per_pair", "score_fwd_per_pair")} for s, r in runs.items()}
-    best = {"reward": max(final, key=lambda s: final[s]["reward"][0]), "kl": min(final, key=lambda s: final[s]["kl"][0]),
-            "J": max(final, key=lambda s: final[s]["J"][0])}
+    def separated(s, k, sign):
+        """Is s's interval of k entirely on the better side (sign +1: higher) of every other sampler's?"""
+        m, h = final[s][k]
+        return len(final) > 1 and all(sign * (m - o) > h + ho for t, (o, ho) in ((t, final[t][k]) for t in final) if t != s)
     def cell(s, k, fmt):
         m, h = final[s][k]
         txt = f"{m:{fmt}} ± {h:{fmt}}"
-        return f"**{txt}**" if best.get(k) == s and len(final) > 1 else txt
+        return f"**{txt}**" if k in ("reward", "kl", "J") and separated(s, k, -1 if k == "kl" else 1) else txt
     lines = ["| Sampler | seeds | reward ↑ | KL ↓ | J = reward − β·KL ↑ | labels | judged / label | sampling fwd / pair |",
              "|---|---|---|---|---|---|---|---|"]
     for s, r in runs.items():
@@ -54,7 +56,8 @@ def report(runs, beta=0.1):
         fwd = f"{f['fwd_per_pair'][0]:.2f}" + (f" (+{f['score_fwd_per_pair'][0]:.0f} scoring)" if f["score_fwd_per_pair"][0] else "")
         lines.append(f"| {NAMES.get(s, s)} | {len(r)} | {cell(s, 'reward', '.3f')} | {cell(s, 'kl', '.2f')} | "
                      f"{cell(s, 'J', '.3f')} | {f['labels'][0]:.0f} | {f['judged_per_label'][0]:.0f} | {fwd} |")
-    lines += ["", f"Final evaluation, mean ± 95% t-interval over seeds (nan for one seed); β = {beta}. Paper Table 1 "
+    lines += ["", f"Final evaluation, mean ± 95% t-interval over seeds (nan for one seed); in bold only a value whose "
+              f"interval lies clear of every other sampler's; β = {beta}. Paper Table 1 "
               "costs per labelled pair: Vanilla 2, Best-of-N (N=8) 8 (+16 scoring passes), Hybrid 2, PILAF ≈3 sampling "
               "forwards; 2 responses judged per label. In iterative mode the first round is Vanilla for every sampler, "
               "so a sampler's forwards per pair average between Vanilla's 2 and its own."]
@@ -140,15 +143,18 @@ def plot_reward_kl(runs, path, beta=0.1):
     plt.close(fig)
 
 def plot_j_labels(runs, path):
-    """J vs labels used (mean +- std over seeds): annotation efficiency. Dashed: Vanilla's final J."""
+    """J vs labels used, the mean over seeds and its 95% t-interval (the tables' interval): annotation
+    efficiency. Dashed: Vanilla's final J."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for s, r in runs.items():
-        x, (m, sd) = mean_curve(r, "labels")[0], mean_curve(r, "J")
+        x, m = mean_curve(r, "labels")[0], mean_curve(r, "J")[0]
+        n = min(len(run) for run in r)
+        h = np.array([mean_ci([run[i]["J"] for run in r])[1] for i in range(n)])   # nan with one seed: no band
         ax.plot(x, m, "o-", ms=3, color=COLORS.get(s), label=NAMES.get(s, s))
-        ax.fill_between(x, m - sd, m + sd, color=COLORS.get(s), alpha=0.15, lw=0)
+        ax.fill_between(x, m - h, m + h, color=COLORS.get(s), alpha=0.15, lw=0)
     if "vanilla" in runs:
         ax.axhline(mean_curve(runs["vanilla"], "J")[0][-1], ls="--", color=COLORS["vanilla"], lw=0.8)
-    ax.set(xlabel="preference labels used", ylabel="J = reward − β·KL", title="J vs labels (mean ± std over seeds)")
+    ax.set(xlabel="preference labels used", ylabel="J = reward − β·KL", title="J vs labels (mean, 95% interval over seeds)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=80)

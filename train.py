@@ -191,7 +191,7 @@ def main(argv=None):
         w = ddp.first(lambda: load(args, start_from=ck and ck["policy"]))   # (rank 0 first: it may build the world)
         run = start(args, w.policy)
         if ck:
-            checkpoint.restore(run, ck)                      # the counters, generators and optimizer it saved
+            checkpoint.restore(run, ck, w)                   # the counters, generators and optimizer it saved
         else:
             folder.fresh(args)                               # config.json (an earlier run moved aside: --overwrite)
         run.ledger = Ledger(args, w, run, ck)              # pairs.jsonl: each pair on disk as it is labelled

@@ -276,23 +276,38 @@ def versions():
 def world_key(cfg=WORLD):
     return hashlib.sha256(json.dumps(dict(cfg, versions=versions()), sort_keys=True).encode()).hexdigest()[:12]
 
+PARTS = ("world.json", "policy", "oracle", "prompts")   # what a built world holds
+READY = ("world.json", "policy/config.json", "oracle/config.json", "prompts/dataset_dict.json")
+
 def ensure(out_dir=DEFAULT_DIR, cfg=WORLD):
-    """The embedded world's folder, built first if missing or built from other settings. One process
-    builds at a time (a lock beside the folder): a second one, a compare.py child say, waits for it
-    and then finds the world built."""
+    """The embedded world's folder, built first if missing, built from other settings, or damaged (a
+    part deleted). One process builds at a time (a lock beside the folder): a second one, a compare.py
+    child say, waits for it and then finds the world built. A folder that holds anything else is never
+    replaced."""
     meta = os.path.join(out_dir, "world.json")
-    if _built(meta, cfg):
+    if _built(out_dir, cfg):
         return out_dir
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(meta):
-        raise UserError(f"--world {out_dir} is a folder that holds no world -- pass an empty or new folder")
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or set(os.listdir(out_dir)) - set(PARTS)):
+        raise UserError(f"--world {out_dir} is {'a file' if not os.path.isdir(out_dir) else 'a folder that holds no world'} "
+                        f"-- pass an empty or new folder (or set PILAF_CACHE to one)")
     parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    with open(os.path.join(parent, "." + os.path.basename(out_dir) + ".lock"), "w") as lock:
+    try:
+        os.makedirs(parent, exist_ok=True)
+        lock = open(os.path.join(parent, "." + os.path.basename(out_dir) + ".lock"), "w")
+    except OSError as e:
+        raise UserError(f"cannot make the world's cache {out_dir} ({e.strerror}) -- set PILAF_CACHE (or --world) to a "
+                        f"folder you can write") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)                    # freed by the kernel if this process dies
-        if _built(meta, cfg):                               # another process built it while this one waited
+        if _built(out_dir, cfg):                            # another process built it while this one waited
             return out_dir
-        print(f"building the embedded world in {out_dir} (once; cached afterwards)")
-        tmp = tempfile.mkdtemp(dir=parent, prefix=".world-")   # built aside, then swapped in whole:
+        aside = f".{os.path.basename(out_dir)}-build-"
+        for old in os.listdir(parent):      # builds of this world killed part-way (they held this lock): never finished
+            if old.startswith(aside) and os.path.isdir(os.path.join(parent, old)):
+                shutil.rmtree(os.path.join(parent, old), ignore_errors=True)
+        print(f"building the embedded world in {out_dir} (once; cached afterwards)" +
+              (" -- the cached one was built from other settings or is missing a part" if os.path.exists(meta) else ""))
+        tmp = tempfile.mkdtemp(dir=parent, prefix=aside)       # built aside, then swapped in whole:
         os.chmod(tmp, 0o755)                                    # an interrupted build leaves no half world
         try:
             build(tmp, cfg)
@@ -304,8 +319,12 @@ def ensure(out_dir=DEFAULT_DIR, cfg=WORLD):
         os.replace(tmp, out_dir)
     return out_dir
 
-def _built(meta, cfg):
-    if not os.path.exists(meta):
+def _built(out_dir, cfg):
+    """Is the world in out_dir whole, and built from cfg (and these library versions)?"""
+    if not all(os.path.exists(os.path.join(out_dir, f)) for f in READY):
         return False
-    with open(meta) as f:
-        return json.load(f).get("key") == world_key(cfg)
+    try:
+        with open(os.path.join(out_dir, "world.json")) as f:
+            return json.load(f).get("key") == world_key(cfg)
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -102,8 +102,9 @@ def test_statistics_by_hand(tmp_path):
     text = open(os.path.join(out, "results.md")).read()
     # mean ± 95% t-interval: two seeds 0.4, 0.6 -> sd 0.1414, half-width 12.706 * 0.1414 / sqrt 2 = 1.271
     assert "| Vanilla | 2 | 0.700 ± 1.271 | 2.00 ± 0.00 | 0.500 ± 1.271 | 32 | 2 | 2.00 |" in text, text
-    assert "| Hybrid | 1 | 0.300 ± nan | **1.00 ± nan** | 0.200 ± nan | 32 | 2 | 2.00 |" in text
-    assert "| PILAF | 2 | **1.100 ± 1.271** | 3.00 ± 0.00 | **0.800 ± 1.271** | 32 | 2 | 3.00 |" in text
+    # nothing in bold: no interval lies clear of the others (one seed has none at all)
+    assert "| Hybrid | 1 | 0.300 ± nan | 1.00 ± nan | 0.200 ± nan | 32 | 2 | 2.00 |" in text
+    assert "| PILAF | 2 | 1.100 ± 1.271 | 3.00 ± 0.00 | 0.800 ± 1.271 | 32 | 2 | 3.00 |" in text
     # labels to reach Vanilla's final J, bootstrap over the 3 distinct resamples of seeds {0,1}:
     # {0,0}: target 0.4, PILAF s0 reaches it at 16 * 0.4/0.5 = 12.8; {1,1}: 0.6, s1 at 16 + 16 * 0.3/0.4 = 28; {0,1}: 20
     assert "- Vanilla: 32 labels [32 – 32]" in text
@@ -114,6 +115,19 @@ def test_statistics_by_hand(tmp_path):
     # (Δ reward: 0.6 and 0.2, the same spread): half-width 12.706 * 0.2 = 2.541 for both
     assert "| PILAF | 2 | +0.400 ± 2.541 | +1.00 ± 0.00 | +0.300 ± 2.541 |" in text, text
     assert "| Hybrid | 1 | -0.300 ± nan | -1.00 ± nan | -0.200 ± nan |" in text
+
+def test_only_a_separated_interval_is_in_bold(tmp_path):
+    """J 0.405 ± 0.064 against 0.905 ± 0.064 (two seeds 0.01 apart: 12.706 * 0.00707 / sqrt 2): PILAF's J
+    lies clear of Vanilla's, and Vanilla's KL (2.00 ± 0.00) of PILAF's (3.00); rewards 0.605 against
+    1.205, also clear."""
+    out = str(tmp_path / "cmp")
+    for seed, d in ((0, 0.0), (1, 0.01)):
+        fake_run(out, "vanilla", seed, [0.0, 0.2, 0.4 + d])
+        fake_run(out, "pilaf", seed, [0.0, 0.5, 0.9 + d])
+    compare.main(["--samplers", "vanilla", "pilaf", "--seeds", "0", "1", "--out", out, "--only_report"])
+    text = open(os.path.join(out, "results.md")).read()
+    assert "| Vanilla | 2 | 0.605 ± 0.064 | **2.00 ± 0.00** | 0.405 ± 0.064 |" in text, text
+    assert "| PILAF | 2 | **1.205 ± 0.064** | 3.00 ± 0.00 | **0.905 ± 0.064** |" in text, text
 
 def test_differences_are_paired_by_seed_not_by_position():
     """A sampler whose runs are listed in another order, or that lacks a seed, is still compared seed by seed."""

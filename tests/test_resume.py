@@ -150,3 +150,26 @@ def test_a_non_finite_loss_stops_the_run_at_the_last_checkpoint(tiny_world, monk
     assert len(read_jsonl(os.path.join(out, "metrics.jsonl"))) == 2           # step 0 and step 2, nothing after
     assert not os.path.exists(os.path.join(out, "summary.json")) and not os.path.exists(os.path.join(out, "policy"))
     assert len(read_jsonl(os.path.join(out, "pairs.jsonl"))) == 24           # the labels of step 3 are kept
+
+def test_from_pairs_refuses_ids_that_are_not_the_tokenizers(tiny_world, capsys, tmp_path):
+    """Ids of another tokenizer of the same size pass the vocabulary range check, not this one: each
+    response's ids must decode to its stored text, each prompt's be its tokens."""
+    first = str(tmp_path / "first")
+    train.main(["--out", first] + MICRO + world_args(tiny_world) + ["--labels", "8"])
+    pairs = read_jsonl(os.path.join(first, "pairs.jsonl"))
+    ids = pairs[5]["chosen_ids"]
+    pairs[5]["chosen_ids"] = [(i + 1) % 50 + 3 for i in ids[:-1]] + ids[-1:]      # valid ids, other words
+    path = tmp_path / "other.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    bad(["--out", str(tmp_path / "run"), "--from_pairs", str(path), "--labels", "8", "--batch_size", "8"] + world_args(tiny_world),
+        capsys, "line 6: its token ids are not the policy tokenizer's tokens of its texts")
+
+def test_a_from_pairs_run_resumes_only_on_the_source_it_started_with(tiny_world, capsys, tmp_path):
+    first, again = str(tmp_path / "first"), str(tmp_path / "again")
+    train.main(["--out", first] + MICRO + world_args(tiny_world))
+    source = os.path.join(first, "pairs.jsonl")
+    train.main(["--out", again, "--from_pairs", source, "--save_every", "16"] + MICRO + world_args(tiny_world))
+    os.remove(os.path.join(again, "summary.json"))
+    lines_ = open(source).readlines()
+    open(source, "w").writelines(lines_[:3] + lines_[4:] + lines_[3:4])         # the same pairs, another order
+    bad(["--resume", again], capsys, "the --from_pairs file it trains on")

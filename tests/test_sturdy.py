@@ -220,6 +220,19 @@ def test_a_torn_last_line_is_dropped_and_the_run_ends_as_one_never_stopped(cut_r
                                               if k != "order"}, open(os.path.join(out, "checkpoint.json") + ".x", "w"))
      or os.replace(os.path.join(out, "checkpoint.json") + ".x", os.path.join(out, "checkpoint.json")), "no 'order'"),
     ("the checkpoint folder deleted", lambda out: shutil.rmtree(os.path.join(out, "checkpoints")), "the checkpoint was removed"),
+    ("a label flipped after the checkpoint", lambda out: edit_pair(out, flip), "holds a label or scores its labeller does not give"),
+    ("a score edited after the checkpoint", lambda out: edit_pair(out, lambda p: dict(p, chosen_score=p["chosen_score"] + 0.5)),
+     "holds a label or scores its labeller does not give"),
+    ("a text edited after the checkpoint", lambda out: edit_pair(out, lambda p: dict(p, chosen=p["chosen"] + " .")),
+     "is not the pair this run makes there again"),
+    ("beta edited", lambda out: edit_config(out, beta=0.2), "config.json is not the one the run started with"),
+    ("checkpoint.json naming another run's checkpoint",
+     lambda out: edit_pointer(out, dir="../other/checkpoints/labels-0000064"), "not this run's checkpoint at 64 labels"),
+    ("a prompt order out of range", lambda out: edit_pointer(out, order=[10 ** 6]), "'order' is not what a run saves there"),
+    ("garbage Python RNG state", lambda out: edit_pointer(out, python_rng=[1, 2]), "'python_rng' is not a random state"),
+    ("labels a string", lambda out: edit_pointer(out, labels="64"), "its counters are not counts"),
+    ("a truncated rng.pt", lambda out: truncate(os.path.join(out, "checkpoints", "labels-0000064", "rng.pt")),
+     "rng.pt holds something other than tensors, or is cut short"),
     ("lr edited", lambda out: edit_config(out, lr=-1), "--lr must be > 0"),
     ("sampler edited", lambda out: edit_config(out, sampler="bogus"), "invalid choice: 'bogus'"),
     ("labels edited", lambda out: edit_config(out, labels=1000), "must be a multiple of --batch_size"),
@@ -236,6 +249,28 @@ def edit_config(out, **changes):
     cfg = json.load(open(path))
     cfg.update(changes)
     json.dump(cfg, open(path, "w"))
+
+def edit_pointer(out, **changes):
+    path = os.path.join(out, "checkpoint.json")
+    state = dict(json.load(open(path)), **changes)
+    json.dump(state, open(path, "w"))
+
+def edit_pair(out, change):
+    """Change the first pair after the checkpoint (at 64) whose two responses differ."""
+    path = os.path.join(out, "pairs.jsonl")
+    pairs = read_jsonl(path)
+    i = next(i for i in range(64, len(pairs)) if pairs[i]["chosen_ids"] != pairs[i]["rejected_ids"])
+    pairs[i] = change(pairs[i])
+    open(path, "w").write("".join(json.dumps(p) + "\n" for p in pairs))
+
+def flip(p):
+    """The label the other way round: every chosen_ field swapped with its rejected_ twin."""
+    swap = {k: k.replace("chosen", "@").replace("rejected", "chosen").replace("@", "rejected") for k in p}
+    return {swap[k]: v for k, v in p.items()}
+
+def truncate(path):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
 
 def test_a_pickle_in_a_checkpoint_is_refused_in_one_line(cut_run, tmp_path):
     marker = tmp_path / "RAN"
@@ -496,3 +531,34 @@ def test_evaluation_samples_at_temperature_1_whatever_the_training_temperature(t
         train.main(["--out", out, "--temperature", t] + MICRO + world_args(tiny_world) + ["--labels", "8"])
         first.append({k: read_jsonl(os.path.join(out, "metrics.jsonl"))[0][k] for k in ("reward", "kl", "J", "len")})
     assert first[0] == first[1]
+
+# ---- what used to end in a traceback: one line each
+
+def test_a_seed_out_of_range_is_refused(tiny_world, capsys, tmp_path):
+    bad(["--seed", str(2 ** 64), "--out", str(tmp_path / "run")] + world_args(tiny_world), capsys, "--seed must be between 0")
+
+def test_a_folder_it_cannot_write_is_said_in_one_line(tiny_world, monkeypatch, capsys, tmp_path):
+    """A read-only folder (root ignores permissions, so the refusal is played by the write itself)."""
+    import folder
+    def read_only(path, text):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+    monkeypatch.setattr(folder, "write_text", read_only)
+    bad(["--out", str(tmp_path / "run")] + MICRO + world_args(tiny_world), capsys, "Permission denied) -- make the folder writable")
+
+def test_a_world_cache_that_is_a_file_is_said_in_one_line(capsys, tmp_path):
+    (tmp_path / "cache").write_text("")
+    bad(["--world", str(tmp_path / "cache" / "world"), "--out", str(tmp_path / "run")], capsys, "set PILAF_CACHE")
+
+def test_a_resume_with_another_number_of_processes_says_the_whole_fix(cut_run, monkeypatch, capsys, tmp_path):
+    """The run was made by one process; a resume under torchrun (two, played here) names the command that works."""
+    import ddp
+    out = damaged(cut_run, tmp_path, lambda out: None)
+    monkeypatch.setattr(ddp, "nproc", 2)
+    bad(["--resume", out], capsys, "the run was made with 1 processes, this is 2 -- resume it with plain python train.py")
+
+def test_compares_help_shows_no_default_of_none(capsys):
+    import compare
+    with pytest.raises(SystemExit):
+        compare.get_args(["--help"])
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "(default: online)" in text

@@ -170,8 +170,10 @@ def test_bfloat16_learns_like_float32(tiny_world, tmp_path):
     (["--oracle", "no-such-oracle"], "cannot load oracle 'no-such-oracle'"),
     (["--policy", "no-such-policy"], "cannot load policy 'no-such-policy'"),
     (["--prompts", "no-such-prompts"], "cannot load prompt data set 'no-such-prompts'"),
-    (["--init_from", "./no-such-checkpoint"], "has no config.json"),
+    (["--init_from", "./no-such-checkpoint"], "folder './no-such-checkpoint' does not exist"),
     (["--prompt_column", "text"], "have no column 'text'"),
+    (["--prompts", "./no-such.jsonl"], "prompt data set './no-such.jsonl' does not exist"),
+    (["--policy", "out/no/such/policy"], "policy folder 'out/no/such/policy' does not exist"),
 ])
 def test_bad_names_fail_before_the_world_is_built(argv, match, capsys, tmp_path):
     """On a machine with nothing cached, a mistyped name must not cost a 3-minute world build first."""
@@ -297,3 +299,36 @@ def test_training_on_the_oracles_labels_raises_j_and_ranks_the_labelled_pairs(tm
         (pc, pr), (rc, rr) = dpo.pair_logps(policy, *tensors), dpo.pair_logps(ref, *tensors)
     acc = dpo.reward_metrics(*dpo.dpo_loss(pc, pr, rc, rr, 0.1)[1:])["acc"]
     assert acc > 0.5 + 3 * (0.25 / len(labelled)) ** 0.5, acc            # 3 standard errors above chance
+
+@pytest.mark.parametrize("ext", ["jsonl", "json", "csv", "parquet"])
+def test_prompts_from_one_data_file(ext, tiny_world, tmp_path):
+    """--prompts as one file of a format `datasets` reads: a fixed fifth of its rows is held out."""
+    texts = [f"customer : my {i} item is missing . agent :" for i in range(50)]
+    path = str(tmp_path / f"prompts.{ext}")
+    ds = Dataset.from_dict({"prompt": texts})
+    {"jsonl": ds.to_json, "json": lambda f: ds.to_json(f, lines=False), "csv": ds.to_csv, "parquet": ds.to_parquet}[ext](path)
+    train_p, test_p = load.load_prompts(path)
+    assert len(train_p) == 40 and len(test_p) == 10 and sorted(train_p + test_p) == sorted(texts)
+    assert load.load_prompts(path) == [train_p, test_p]                     # the same rows held out every time
+    last = train.main(["--prompts", path, "--out", str(tmp_path / "run")] + MICRO + world_args(tiny_world)[:4])
+    assert last["labels"] == 32
+
+def test_prompts_longer_than_the_context_say_so(tiny_world, capsys, tmp_path):
+    prompts = str(tmp_path / "long.jsonl")
+    with open(prompts, "w") as f:
+        f.writelines(json.dumps({"prompt": "sorry " * 100}) + "\n" for _ in range(10))
+    bad(["--prompts", prompts, "--out", str(tmp_path / "run")] + MICRO + world_args(tiny_world)[:4], capsys,
+        "every prompt of a split is as long as the policy's context (64 tokens) or longer")
+
+def test_a_missing_model_is_said_before_the_run_folder(tiny_world, capsys, tmp_path):
+    """The errors come in the order the user fixes them: the policy named wrong, before the folder's state."""
+    out = str(tmp_path / "run")
+    train.main(["--out", out] + MICRO + world_args(tiny_world))
+    bad(["--out", out, "--policy", str(tmp_path / "missing")] + MICRO + world_args(tiny_world)[2:], capsys,
+        "policy folder")
+
+def test_a_person_is_told_how_many_pairs_they_will_label(capsys):
+    options.get_args(["--oracle", "human", "--out", "unused"])
+    assert "note: --oracle human: you will be asked to label 4096 pairs (--labels" in capsys.readouterr().out
+    options.get_args(["--oracle", "human", "--labels", "64", "--out", "unused"])
+    assert "note" not in capsys.readouterr().out

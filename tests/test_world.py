@@ -68,6 +68,26 @@ def test_vocabulary_mismatch_fails_clearly(tiny_world, tmp_path):
     with pytest.raises(UserError, match="same vocabulary"):
         load.check_vocab(other, tok)
 
+@pytest.mark.parametrize("part", ["policy", "oracle", "prompts", "world.json"])
+def test_a_world_missing_a_part_is_built_again(part, tiny_world, monkeypatch, tmp_path):
+    """A cache with a part deleted is rebuilt whole, never handed to the loaders (whose message would
+    name the wrong fix); a build killed part-way leaves a folder aside that the next build removes."""
+    d = str(tmp_path / "world")
+    shutil.copytree(tiny_world, d)
+    (shutil.rmtree if os.path.isdir(os.path.join(d, part)) else os.remove)(os.path.join(d, part))
+    killed = tmp_path / ".world-build-abc123"           # what a SIGKILL during a build leaves
+    killed.mkdir()
+    built = []
+    monkeypatch.setattr(world, "build", lambda out, cfg: (built.append(cfg), shutil.copytree(tiny_world, out, dirs_exist_ok=True)))
+    assert world.ensure(d, TINY_WORLD) == d and built == [TINY_WORLD]
+    assert sorted(os.listdir(d)) == sorted(world.PARTS) and not killed.exists()
+    assert sorted(os.listdir(tmp_path)) == [".world.lock", "world"]
+
+def test_a_world_cache_that_is_a_file_says_so(tmp_path):
+    (tmp_path / "cache").write_text("")
+    with pytest.raises(UserError, match="cannot make the world's cache .* -- set PILAF_CACHE"):
+        world.ensure(str(tmp_path / "cache" / "world"), TINY_WORLD)
+
 def test_a_folder_that_is_not_a_world_is_never_replaced(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="holds no world"):
