@@ -62,8 +62,8 @@ def save(run, w):
             fh.write(buf.getvalue())
     os.replace(tmp, final)
     write_json(os.path.join(run.out, POINTER), dict(state, dir=os.path.join("checkpoints", name)))
-    for d in os.listdir(root):        # only now is the older checkpoint no longer needed
-        if d != name:
+    for d in os.listdir(root):        # only now is the older checkpoint no longer needed (unless all are kept)
+        if d != name and (d.startswith(".") or not run.keep_checkpoints):
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 def damaged(out, why):

@@ -53,7 +53,7 @@ NOT_BUDGET = ("sampler", "seed",                # the comparison's own axes
               "out", "overwrite", "resume",      # where a run is written, and how it is started
               "world",                           # where the world is cached (the policy, oracle and prompts are compared)
               "device",                          # cpu or cuda
-              "save_every")                      # checkpoints: a resumed run ends as one never stopped
+              "save_every", "keep_checkpoints")  # checkpoints: a resumed run ends as one never stopped
 
 def budget_keys():
     return [k for k in options.defaults() if k not in NOT_BUDGET]

@@ -95,5 +95,7 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta, loss="dpo")
     return losses, chosen_r.detach(), rejected_r.detach()
 
 def reward_metrics(chosen_r, rejected_r):
-    """Implicit-reward accuracy (chosen scored above rejected) and mean margin."""
-    return dict(acc=(chosen_r > rejected_r).float().mean().item(), margin=(chosen_r - rejected_r).mean().item())
+    """Implicit-reward accuracy (chosen scored above rejected), mean margin, and mean gap |Delta_theta|
+    (how far apart the pair's implicit rewards are, whichever was chosen)."""
+    d = chosen_r - rejected_r
+    return dict(acc=(d > 0).float().mean().item(), margin=d.mean().item(), gap=d.abs().mean().item())

@@ -52,6 +52,8 @@ def parser():
     g.add_argument("--label", default="bt", choices=["bt", "argmax"], help="oracle labels: Bradley-Terry draw, or always the higher score")
     g = p.add_argument_group(SAMPLER_OPTIONS)
     g.add_argument("--n", type=int, default=8, help="best_of_n, t_pilaf: candidates per prompt")
+    g.add_argument("--prompt_weight", action="store_true", help="t_pilaf: weight each pair's loss by C(x) = 2 + 2*Z+Z-(x) "
+                   "over its batch's mean, so the expected update follows grad J (pilaf.t_pilaf)")
     g = p.add_argument_group("budget")
     g.add_argument("--labels", type=int, default=4096, help="preference labels in total (the annotation budget)")
     g.add_argument("--batch_size", type=int, default=32, help="pairs per DPO step (online: also per round)")
@@ -80,6 +82,8 @@ def parser():
     g.add_argument("--eval_prompts", type=int, default=load.EVAL_PROMPTS, help="held-out prompts per evaluation (at most the split's size)")
     g.add_argument("--eval_samples", type=int, default=8, help="policy samples per held-out prompt")
     g.add_argument("--save_every", type=int, default=512, help="checkpoint after every this many labels (and at start and end)")
+    g.add_argument("--keep_checkpoints", action="store_true", help="keep every checkpoint, not only the latest: the policy "
+                   "along the way (each one a folder --init_from can start from)")
     g.add_argument("--out", default=None, help="run folder (default out/<sampler>-<mode>-s<seed>)")
     g.add_argument("--overwrite", action="store_true", help="start again in a folder that holds a run; the old run is "
                    "moved aside to <out>.replaced-N, never deleted (its labels were paid for)")
@@ -156,8 +160,12 @@ def check(args, fail=die):
              f"samples at 1)")
     if args.n < 2:
         fail("--n must be at least 2: best_of_n and t_pilaf label two of n candidates")
-    if args.sampler == "t_pilaf" and args.n % 2:
-        fail(f"--n must be even for t_pilaf (got {args.n}): it draws y+ and y- from two halves of the candidates")
+    if args.sampler == "t_pilaf" and (args.n % 2 or args.n < 4):
+        fail(f"--n must be even and at least 4 for t_pilaf (got {args.n}): it draws y+ and y- from two halves of "
+             f"the candidates, and estimates Z+- from the others")
+    if args.sampler == "t_pilaf" and args.temperature != 1:
+        fail(f"--temperature {args.temperature}: t_pilaf's candidates must be samples of the policy itself, at "
+             f"temperature 1 -- leave out --temperature")
     if args.mode == "online" and args.labels % args.batch_size:
         fail(f"--labels ({args.labels}) must be a multiple of --batch_size ({args.batch_size}) in online mode")
     if args.mode == "iterative" and args.labels % args.iterations:

@@ -126,44 +126,54 @@ def best_of_n(policy, ref, prompt_ids, prompt_mask, beta, gen, n=8):
 def resample(r, g):
     """T-PILAF's choice among N candidates per prompt, by sampling-importance-resampling.
 
-    r (B, N): the candidates' implicit rewards r_theta, the candidates drawn from pi. Z+- = E_pi[e^{+-r}]
-    are estimated as the means over all N. With probability Z+Z-/(1+Z+Z-) a prompt's pair is tilted:
-    y+ resampled from the first N/2 candidates with weights e^{+r}, y- from the other N/2 with weights
-    e^{-r}; otherwise both are plain pi samples, one candidate of each half drawn uniformly. Drawing
-    the two from different halves makes them different candidates and independent draws, as the pair
-    distributions pi+ x pi- and pi x pi are products; all N candidates still estimate Z+-.
+    r (B, N): the candidates' implicit rewards r_theta, the candidates drawn from pi. The plain pair
+    (a, b) is drawn first: one candidate of each half, uniformly. Z+- = E_pi[e^{+-r}] are estimated from
+    the other N - 2 candidates, so the branch taken never depends on the plain pair's own candidates,
+    and a plain pair is exactly a (pi, pi) pair. With probability Z+Z-/(1+Z+Z-) the prompt's pair is
+    tilted instead: y+ resampled from the first N/2 candidates with weights e^{+r}, y- from the other
+    N/2 with weights e^{-r} (self-normalised, so the tilt falls short of pi+- by O(1/N)). Drawing the two
+    from different halves makes them different candidates and independent draws, as the pair
+    distributions pi+ x pi- and pi x pi are products.
     -> dict of (B,) tensors: z_plus, z_minus, tilted (bool), plus and minus (the resampled y+ and y-,
     whichever branch is taken), a and b (the pair's two candidates); indices into the N."""
     B, N = r.shape
     h = N // 2
-    zp, zm = r.exp().mean(1), (-r).exp().mean(1)                                     # (B,)
+    u = _rand((B, 2), g).to(r.device)                                                # the plain pair: uniform picks
+    a, b = (u[:, 0] * h).long().clamp(max=h - 1), h + (u[:, 1] * (N - h)).long().clamp(max=N - h - 1)
+    others = torch.ones_like(r).scatter_(1, a[:, None], 0).scatter_(1, b[:, None], 0)  # (B, N) 1 but at a and b
+    zp, zm = (r.exp() * others).sum(1) / (N - 2), ((-r).exp() * others).sum(1) / (N - 2)   # (B,)
     tilted = _rand(B, g).to(r.device) < zp * zm / (1 + zp * zm)                      # (B,)
     plus = torch.multinomial(torch.softmax(r[:, :h], 1), 1, generator=g)[:, 0]       # weights e^{+r}, normalised
     minus = h + torch.multinomial(torch.softmax(-r[:, h:], 1), 1, generator=g)[:, 0]  # weights e^{-r}
-    u = _rand((B, 2), g).to(r.device)                                                # the plain pair: uniform picks
-    a, b = (u[:, 0] * h).long().clamp(max=h - 1), h + (u[:, 1] * (N - h)).long().clamp(max=N - h - 1)
     return dict(z_plus=zp, z_minus=zm, tilted=tilted, plus=plus, minus=minus,
                 a=torch.where(tilted, plus, a), b=torch.where(tilted, minus, b))
 
-def t_pilaf(policy, ref, prompt_ids, prompt_mask, beta, gen, n=8):
+def t_pilaf(policy, ref, prompt_ids, prompt_mask, beta, gen, n=8, prompt_weight=False):
     """The theory's sampler (paper Sec. 5), which PILAF rounds twice: pairs from pi x pi / sigma'(Delta),
     i.e. (pi, pi) with probability 1/(1 + Z+Z-) and (pi+, pi-) otherwise, with pi+- = pi*e^{+-r_theta}/Z+-
     over whole responses (PILAF: token by token, and probability 1/2). Made practical by resampling
     (`resample`) N policy samples per prompt, their implicit rewards teacher-forced through both models
     as best_of_n does. The cost is Best-of-N's: N sampling forwards per prompt and 2N scoring passes,
     2 responses labelled. a_logps / b_logps are under pi, which drew the candidates (the resampled
-    distribution itself has no tractable density). `extra` holds each pair's Z+, Z- and branch."""
+    distribution itself has no tractable density). `extra` holds each pair's Z+, Z- and branch.
+
+    With one pair per prompt, drawn uniformly, the expected DPO update of these pairs is
+    sum_x grad J_x / C(x), C(x) = 2 + 2*Z+Z-(x) (notebook 01): prompts whose responses spread most count
+    least. prompt_weight=True gives each pair the loss weight C(x) / (its batch's mean C), in `extra`
+    (train.update multiplies the pair's loss by it), so that the expected update follows grad J itself."""
     B = prompt_ids.shape[0]
     ids, mask, logps, r = _candidates(policy, ref, prompt_ids, prompt_mask, beta, gen, n)
     got = resample(r.double(), gen.get("generator"))
     tilted = got["tilted"].tolist()
-    extra = [dict(z_plus=p, z_minus=m, branch="tilted" if t else "plain")
-             for p, m, t in zip(got["z_plus"].tolist(), got["z_minus"].tolist(), tilted)]
+    C = 2 + 2 * got["z_plus"] * got["z_minus"]                                         # (B,)
+    weights = (C / C.mean()).tolist() if prompt_weight else [None] * B
+    extra = [dict(z_plus=p, z_minus=m, branch="tilted" if t else "plain", **({"weight": c} if c is not None else {}))
+             for p, m, t, c in zip(got["z_plus"].tolist(), got["z_minus"].tolist(), tilted, weights)]
     return dict(_chosen(ids, mask, logps, n, got["a"], got["b"]), src=[("T+", "T-") if t else ("pi", "pi") for t in tilted],
                 extra=extra, forwards=n * B, score_forwards=2 * n * B)
 
 SAMPLERS = {"vanilla": vanilla, "pilaf": pilaf, "best_of_n": best_of_n, "hybrid": hybrid, "t_pilaf": t_pilaf}
-OPTIONS = {"best_of_n": ["n"], "t_pilaf": ["n"]}   # each sampler's own options: keyword parameters, as on the command line
+OPTIONS = {"best_of_n": ["n"], "t_pilaf": ["n", "prompt_weight"]}   # each sampler's own options: keyword parameters, as on the command line
 
 def options(name):
     """The options sampler `name` takes beyond the common six arguments."""

@@ -69,7 +69,7 @@ def start(args, policy):
     """A run at its start: the counters, and what it optimises and draws with (a resumed run then sets
     them as its checkpoint left them: checkpoint.restore)."""
     run = Run()
-    run.out, run.t0 = args.out, time.time()
+    run.out, run.t0, run.keep_checkpoints = args.out, time.time(), args.keep_checkpoints
     torch.manual_seed(args.seed)
     run.rng = random.Random(args.seed)                                              # prompt order, minibatch order
     run.g_sample = torch.Generator(args.device).manual_seed(ddp.seed(args.seed))    # responses, PILAF's coins
@@ -135,7 +135,9 @@ def update(run, w, args, pairs, epochs, anchor):
                 with torch.no_grad():
                     rc, rr = pair_logps(anchor, *tensors)
             losses, cr, rr_ = dpo_loss(pc, pr, rc, rr, args.beta, args.loss)
-            loss = losses.mean()
+            # a pair's loss weight, where its sampler gave one (t_pilaf --prompt_weight), else 1
+            weight = torch.tensor([(p.extra or {}).get("weight", 1.0) for p in batch], device=losses.device)
+            loss = (weight * losses).mean()
             if args.xpo_alpha:   # XPO: push down the log-likelihood of the reference's responses
                 ref_c = torch.tensor([p.chosen_src == "pi_ref" for p in batch], device=pc.device)
                 ref_r = torch.tensor([p.rejected_src == "pi_ref" for p in batch], device=pc.device)

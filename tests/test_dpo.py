@@ -20,13 +20,13 @@ def test_loss_hand_computed():
     losses, cr, rr = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), 0.5)
     assert abs(losses.item() - math.log(1 + math.exp(-1))) < 1e-6      # -log sigmoid(1) = 0.31326
     assert cr.item() == 0.5 and rr.item() == -0.5
-    assert reward_metrics(cr, rr) == dict(acc=1.0, margin=1.0)
+    assert reward_metrics(cr, rr) == dict(acc=1.0, margin=1.0, gap=1.0)
 
 def test_accuracy_counts_the_pairs_ranked_right_and_a_tie_as_wrong():
     """Implicit-reward accuracy: chosen strictly above rejected. A tie (the policy cannot tell the two
-    apart, as at the reference) is not a pair ranked right."""
+    apart, as at the reference) is not a pair ranked right. The gap is |margin|, whichever side won."""
     m = reward_metrics(torch.tensor([0.5, 0.0, -1.0, 2.0]), torch.tensor([0.1, 0.0, 0.0, 2.0]))
-    assert m == dict(acc=0.25, margin=pytest.approx((0.4 + 0 - 1 + 0) / 4))
+    assert m == dict(acc=0.25, margin=pytest.approx((0.4 + 0 - 1 + 0) / 4), gap=pytest.approx((0.4 + 0 + 1 + 0) / 4))
 
 def test_rewards_are_detached_and_loss_has_the_dpo_gradient():
     pc = torch.tensor([-1.0], requires_grad=True)

@@ -79,6 +79,13 @@ def test_a_checkpoint_holds_what_resume_needs(tiny_world, tmp_path):
     assert opt["state"][0]["step"].item() == 4
     assert not [f for f in os.listdir(out) if f.startswith(".") or f.endswith(".tmp")]   # no temporary left behind
 
+def test_keep_checkpoints_keeps_every_one(tiny_world, tmp_path):
+    out = str(tmp_path / "run")
+    train.main(["--out", out, "--save_every", "8", "--keep_checkpoints"] + MICRO + world_args(tiny_world))
+    kept = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    assert kept == [f"labels-{n:07d}" for n in (0, 8, 16, 24, 32)]
+    assert all(os.path.exists(os.path.join(out, "checkpoints", k, "policy", "model.safetensors")) for k in kept)
+
 def test_resume_refuses_what_it_cannot_continue(tiny_world, capsys, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -332,3 +332,30 @@ def test_a_person_is_told_how_many_pairs_they_will_label(capsys):
     assert "note: --oracle human: you will be asked to label 4096 pairs (--labels" in capsys.readouterr().out
     options.get_args(["--oracle", "human", "--labels", "64", "--out", "unused"])
     assert "note" not in capsys.readouterr().out
+
+def test_a_pairs_loss_weight_scales_its_share_of_the_step(tiny_world, tmp_path):
+    """t_pilaf --prompt_weight gives each pair a loss weight (pilaf.t_pilaf); train.update multiplies the
+    pair's loss by it. Weights 2 and 0 on two pairs: the step of the first pair alone."""
+    import copy
+    import dataclasses
+    from types import SimpleNamespace
+    out = str(tmp_path / "run")
+    train.main(["--out", out] + MICRO + world_args(tiny_world))
+    p1, p2 = [q for q in pairs.read(os.path.join(out, "pairs.jsonl"), 10 ** 6) if q.chosen_ids != q.rejected_ids][:2]
+    args = options.get_args(["--out", str(tmp_path / "unused")] + MICRO + world_args(tiny_world))
+    ref, tok = load.load_policy(os.path.join(tiny_world, "policy"))
+    moved = []
+    for batch in ([dataclasses.replace(p1, extra=dict(weight=2.0)), dataclasses.replace(p2, extra=dict(weight=0.0))], [p1]):
+        policy = copy.deepcopy(ref)
+        train.update(train.start(args, policy), SimpleNamespace(policy=policy, tok=tok), args, batch, 1, ref)
+        moved.append(torch.cat([(a - b).flatten() for a, b in zip(policy.parameters(), ref.parameters())]))
+    assert moved[1].abs().max() > 1e-4 and ((moved[0] - moved[1]).norm() / moved[1].norm()).item() < 1e-4
+
+def test_t_pilaf_gives_each_pair_its_prompts_weight(tiny_world, tmp_path):
+    """--prompt_weight: each pair's weight is C(x) = 2 + 2*Z+Z-(x) over its batch's mean (Z+- as recorded)."""
+    out = str(tmp_path / "run")
+    train.main(["--sampler", "t_pilaf", "--n", "4", "--prompt_weight", "--out", out] + MICRO + world_args(tiny_world))
+    got = read_jsonl(os.path.join(out, "pairs.jsonl"))
+    for i in range(0, 32, 8):                                       # one batch of 8 pairs at a time
+        C = [2 + 2 * p["extra"]["z_plus"] * p["extra"]["z_minus"] for p in got[i:i + 8]]
+        assert [p["extra"]["weight"] for p in got[i:i + 8]] == pytest.approx([c / (sum(C) / 8) for c in C])
