@@ -31,31 +31,39 @@ from errors import Stop, UserError, leave
 from folder import POINTER, lines_hash, read_lines, still_ours, write_json
 from sample import NOT_FINITE
 
+SHARDS = "sharded"   # an --fsdp checkpoint's folder of shards (torch.distributed.checkpoint)
+
 def save(run, w):
     """A checkpoint: everything the next round depends on, and a hash of the pairs.jsonl lines it
     accounts for, so that a resume can tell a damaged file. A policy whose weights are not finite is
     never saved: the last good checkpoint stays the latest."""
-    if not torch.isfinite(torch.nn.utils.get_total_norm(list(w.policy.parameters()))):
+    if not torch.isfinite(ddp.full(torch.nn.utils.get_total_norm(list(w.policy.parameters())))):
         raise Stop("the policy's weights are not finite (or overflow) after the last DPO step", 1, NOT_FINITE)
     state = dict(dataclasses.asdict(run), time=time.time() - run.t0, python_rng=run.rng.getstate(), nproc=ddp.nproc)
     gens = ddp.everyone((run.g_sample.get_state(), run.g_label.get_state()))       # one pair per rank
+    name = f"labels-{run.labels:07d}"
+    root = os.path.join(run.out, "checkpoints")
+    tmp, final = os.path.join(root, "." + name), os.path.join(root, name)
+    if ddp.rank == 0:
+        still_ours()
+        for d in (tmp, final):        # left over from a life that was killed before naming it
+            shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(tmp)
+    if ddp.fsdp:                      # the policy's and AdamW's shards, every rank its own
+        ddp.barrier()
+        ddp.save_sharded(os.path.join(tmp, SHARDS), w.policy, run.opt)
+        ddp.barrier()
     if ddp.rank:
         return
-    still_ours()
     state["pairs_sha256"] = lines_hash(os.path.join(run.out, "pairs.jsonl"), run.labels)
     state["config_sha256"] = file_hash(os.path.join(run.out, "config.json"))
     if w.source is not None:      # --from_pairs: the lines of the source file this run trains on
         state["source_sha256"] = w.source_sha256
     rngs = dict(torch=torch.get_rng_state(), sample=[s for s, _ in gens], label=[l for _, l in gens])
-    name = f"labels-{run.labels:07d}"
-    root = os.path.join(run.out, "checkpoints")
-    tmp, final = os.path.join(root, "." + name), os.path.join(root, name)
-    for d in (tmp, final):            # left over from a life that was killed before naming it
-        shutil.rmtree(d, ignore_errors=True)
-    os.makedirs(tmp)
-    w.policy.save_pretrained(os.path.join(tmp, "policy"))   # safetensors, loadable as --init_from too
-    w.tok.save_pretrained(os.path.join(tmp, "policy"))
-    for f, obj in (("optimizer.pt", run.opt.state_dict()), ("rng.pt", rngs)):
+    if not ddp.fsdp:
+        w.policy.save_pretrained(os.path.join(tmp, "policy"))   # safetensors, loadable as --init_from too
+        w.tok.save_pretrained(os.path.join(tmp, "policy"))
+    for f, obj in ((("optimizer.pt", run.opt.state_dict()),) if not ddp.fsdp else ()) + (("rng.pt", rngs),):
         buf = io.BytesIO()            # serialised in memory, written by us: a full disk is a plain OSError
         torch.save(obj, buf)
         with open(os.path.join(tmp, f), "wb") as fh:
@@ -92,8 +100,9 @@ def latest(out):
     if state["dir"] != os.path.join("checkpoints", f"labels-{state['labels']:07d}"):   # this run's own, at its count
         raise damaged(out, f"it names {state['dir']!r}, not this run's checkpoint at {state['labels']} labels")
     state["dir"] = os.path.join(out, state["dir"])
-    state["policy"] = os.path.join(state["dir"], "policy")
-    for f in ("policy/config.json", "optimizer.pt", "rng.pt"):
+    sharded = os.path.exists(os.path.join(state["dir"], SHARDS))     # an --fsdp run's: its shards, no policy/ folder
+    state["policy"] = None if sharded else os.path.join(state["dir"], "policy")
+    for f in (f"{SHARDS}/.metadata", "rng.pt") if sharded else ("policy/config.json", "optimizer.pt", "rng.pt"):
         if not os.path.exists(os.path.join(state["dir"], f)):
             raise UserError(f"{path} names {state['dir']}, which has no {f} -- the checkpoint was removed or moved; "
                             f"train on its labels with --from_pairs {out}/pairs.jsonl and another --out")
@@ -144,9 +153,12 @@ def restore(run, ck, w):
     for f in dataclasses.fields(run):
         setattr(run, f.name, ck[f.name])
     run.t0 -= ck["time"]
-    opt, rngs = load_tensors(ck["dir"])
+    opt, rngs = load_tensors(ck["dir"], sharded=ck["policy"] is None)
     try:
-        run.opt.load_state_dict(opt)
+        if opt is None:                # --fsdp: the policy's and AdamW's shards, every rank its own
+            ddp.load_sharded(os.path.join(ck["dir"], SHARDS), run.model, run.opt, stepped=ck["steps"] > 0)
+        else:
+            run.opt.load_state_dict(opt)
         torch.set_rng_state(rngs["torch"])
         run.g_sample.set_state(rngs["sample"][ddp.rank])
         run.g_label.set_state(rngs["label"][ddp.rank])
@@ -159,10 +171,11 @@ def file_hash(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
-def load_tensors(ckpt_dir):
-    """Optimizer and RNG states of a checkpoint, read without running any pickled code."""
-    got = []
-    for f in ("optimizer.pt", "rng.pt"):
+def load_tensors(ckpt_dir, sharded=False):
+    """Optimizer and RNG states of a checkpoint, read without running any pickled code (an --fsdp run's
+    optimizer is in its shards: None)."""
+    got = [None] if sharded else []
+    for f in ("rng.pt",) if sharded else ("optimizer.pt", "rng.pt"):
         try:
             got.append(torch.load(os.path.join(ckpt_dir, f), weights_only=True))
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
@@ -182,13 +195,15 @@ def finite_or_stop(run, loss, norm):
               f"{ck['dir']}) is kept, with every label bought since; lower --lr, or start again with another --seed", 1)
 
 def finish(run, w):
-    """The final policy, then summary.json, whose presence marks a finished run (both atomic)."""
+    """The final policy (an --fsdp run's gathered whole on rank 0: an ordinary Hugging Face folder), then
+    summary.json, whose presence marks a finished run (both atomic)."""
+    whole = ddp.full_state(w.policy)
     if ddp.rank:
         return
     still_ours()
     tmp = os.path.join(run.out, ".policy")
     shutil.rmtree(tmp, ignore_errors=True)
-    w.policy.save_pretrained(tmp)
+    w.policy.save_pretrained(tmp, state_dict=whole)
     w.tok.save_pretrained(tmp)
     shutil.rmtree(os.path.join(run.out, "policy"), ignore_errors=True)
     os.replace(tmp, os.path.join(run.out, "policy"))

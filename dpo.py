@@ -16,6 +16,7 @@ The implicit rewards, accuracy and margin mean the same under all three.
 import torch
 import torch.nn.functional as F
 
+import ddp
 from sample import positions
 
 def response_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
@@ -56,12 +57,16 @@ def kl_estimates(policy, ref, prompt_ids, prompt_mask, resp_ids, resp_mask, chun
     Both have the sequence KL as their expectation (the exact one is the sampled one with each token's
     draw averaged out, given the prefix). The exact one usually has the lower variance, not always: a
     token's draw also decides the prefixes after it, and that covariance can go either way. -> (B,), (B,)
-    A chunk of rows at a time: (chunk, L, V) log-probs of two models at once, not (B, L, V)."""
+    A chunk of rows at a time: (chunk, L, V) log-probs of two models at once, not (B, L, V). Under --fsdp
+    every rank makes as many chunks as the rank with the most (ddp.most), a spare one on its last row."""
     exact, sampled = [], []
-    for i in range(0, len(resp_ids), chunk):
-        rows = [t[i:i + chunk] for t in (prompt_ids, prompt_mask, resp_ids, resp_mask)]
+    for k in range(ddp.most(-(-len(resp_ids) // chunk))):
+        i = k * chunk
+        rows = [t[i:i + chunk] if i < len(resp_ids) else t[-1:] for t in (prompt_ids, prompt_mask, resp_ids, resp_mask)]
         lp = torch.log_softmax(response_logits(policy, *rows), -1)                       # (b, L, V)
         d = lp - torch.log_softmax(response_logits(ref, *rows), -1)                      # log pi - log pi_ref
+        if i >= len(resp_ids):
+            continue                                                                     # a spare chunk: nothing kept
         m = rows[3]
         exact.append(((lp.exp() * d).sum(-1) * m).sum(-1))
         sampled.append((d.gather(2, rows[2][:, :, None]).squeeze(-1) * m).sum(-1))

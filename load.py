@@ -15,6 +15,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+import ddp
 import folder
 import pairs
 import world
@@ -228,9 +229,14 @@ def load(args, start_from=None):
     if args.oracle_format == "chat" and not getattr(orm_tok, "chat_template", None):
         raise UserError(f"--oracle_format chat: the tokenizer of '{getattr(args, rm)}' has no chat template "
                         f"-- use --oracle_format plain (or auto)")
-    oracle = Oracle(orm.to(args.device), orm_tok, fmt=args.oracle_format, how=args.label)   # or the judge
-    return SimpleNamespace(ref=ref.to(args.device).requires_grad_(False),
-                           policy=policy.to(args.device),   # stays in eval mode: no dropout, so policy == ref gives loss log 2
+    # --fsdp: each model sharded across the ranks (ddp.shard); otherwise each whole on this device
+    oracle = Oracle(ddp.shard(orm.to(args.device)), orm_tok, fmt=args.oracle_format, how=args.label)   # or the judge
+    policy = ddp.shard(policy.to(args.device), bf16=args.dtype == "bfloat16")
+    if ddp.fsdp and ddp.rank == 0:
+        n, size = ddp.on_this_rank(policy)
+        print(f"policy: {n / 1e6:.2f} M parameters, {size / 2 ** 20:.2f} MiB on this rank (--fsdp over {ddp.nproc})")
+    return SimpleNamespace(ref=ddp.shard(ref.to(args.device).requires_grad_(False)),
+                           policy=policy,   # stays in eval mode: no dropout, so policy == ref gives loss log 2
                            tok=tok, eos=eos_ids(ref, tok), oracle=oracle,
                            # --from_pairs: its pairs, and a hash of the lines this run trains on (a resume checks it)
                            source=source, source_path=args.from_pairs,

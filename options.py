@@ -91,6 +91,8 @@ def parser():
     g.add_argument("--seed", type=int, default=0, help="seeds prompts, sampling, labels and init")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights")
+    g.add_argument("--fsdp", action="store_true", help="shard policy, reference and reward model across the processes "
+                   "(FSDP2; under torchrun, or one process): for models too big for one device (docs/running.md)")
     return p
 
 def defaults():
@@ -178,6 +180,9 @@ def check(args, fail=die):
     if args.batch_size % procs or per_round % procs:
         fail(f"--batch_size ({args.batch_size}) and the pairs per round ({per_round}) must split evenly across the "
              f"{procs} processes -- pick a --batch_size and --labels that are multiples of {procs}")
+    if args.fsdp and args.reference == "behavior":
+        fail("--reference behavior copies the policy every round, which --fsdp does not shard -- use --reference "
+             "initial with --fsdp")
     if args.from_pairs and args.reference == "behavior":
         fail("--reference behavior anchors to the policy that sampled the pairs, which --from_pairs does not have "
              "-- use --reference initial")

@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import torch
 
+import ddp
 from errors import Stop
 
 class Label(NamedTuple):
@@ -70,7 +71,6 @@ class Oracle(Labeller):
         self.labels = 0       # preference labels this oracle gave (one per pair; the run's budget is train.py's count)
         self.judged = 0       # responses it read to give them (two per label; paper Table 1)
 
-    @torch.inference_mode()
     def score(self, prompts, responses):
         """Scalar reward of each (prompt, response) text. -> (N,) float tensor on the CPU.
 
@@ -79,21 +79,22 @@ class Oracle(Labeller):
         changes the rounding of the model's sums in the 7th digit. So each text is padded to a length
         of its own, the next multiple of PAD tokens (at most the model's context), and texts of one
         length go through together."""
-        if not prompts:
-            return torch.zeros(0)
         dev = next(self.model.parameters()).device
         texts = [self.text(p, r) for p, r in zip(prompts, responses)]
         # a rendered template already holds its special tokens (BOS...): the tokenizer must not add them twice
-        ids = self.tok(texts, truncation=True, add_special_tokens=not self.chat)["input_ids"]   # cut at model_max_length
-        lengths = [min(-(-len(i) // self.PAD) * self.PAD, self.tok.model_max_length) for i in ids]
+        ids = self.tok(texts, truncation=True, add_special_tokens=not self.chat)["input_ids"] if texts else []
+        lengths = [min(-(-len(i) // self.PAD) * self.PAD, self.tok.model_max_length) for i in ids]   # cut at model_max_length
+        batches = [rows[k:k + self.batch_size] for L in sorted(set(lengths))
+                   for rows in [[j for j, n in enumerate(lengths) if n == L]] for k in range(0, len(rows), self.batch_size)]
         out = torch.empty(len(texts))
-        for L in sorted(set(lengths)):
-            rows = [j for j, n in enumerate(lengths) if n == L]
-            for k in range(0, len(rows), self.batch_size):
-                part = rows[k:k + self.batch_size]
-                enc = self.tok.pad({"input_ids": [ids[j] for j in part]}, padding="max_length", max_length=L,
-                                   return_tensors="pt").to(dev)
-                out[part] = self.model(**enc).logits[:, 0].float().cpu()
+        for k in range(ddp.most(len(batches))):     # --fsdp: as many forwards as the rank with the most, spares on filler
+            part = batches[k] if k < len(batches) else []
+            enc = self.tok.pad({"input_ids": [ids[j] for j in part] or [[self.tok.pad_token_id]]}, padding="max_length",
+                               max_length=lengths[part[0]] if part else 1, return_tensors="pt").to(dev)
+            with ddp.inference():
+                scores = self.model(**enc).logits[:, 0].float().cpu()
+            if part:
+                out[part] = scores
         return out
 
     def text(self, prompt, response):

@@ -27,6 +27,7 @@ only on its rows), and must equal it token for token: the tests hold it to that.
 import torch
 import torch.nn.functional as F
 
+import ddp
 from errors import Stop
 
 def positions(mask):
@@ -130,8 +131,10 @@ def generate(models, weights, prompt_ids, prompt_mask, max_new_tokens, eos_id, p
             lo, hi = rows[0].item(), rows[-1].item() + 1
             sel = slice(lo, hi) if hi - lo == len(rows) else rows
             steps.append((models[m], sel, w[rows, m, None], len(rows) == B))
+        elif ddp.fsdp:   # no row of this rank uses the model, but its forward is a collective: it steps on a filler
+            steps.append((models[m], slice(0, 1), None, False))
     eos = torch.tensor(eos_id, device=dev).view(-1)          # (E,) every id that ends a response
-    with torch.inference_mode():   # no autograd bookkeeping at all: less time per step than no_grad
+    with ddp.inference():   # inference mode: no autograd bookkeeping at all, less time per step than no_grad
         out = _decode(steps, plain, prompt_ids, prompt_mask, max_new_tokens, eos, pad_id, temperature, generator)
     return tuple(t.clone() for t in out)   # copies made outside inference mode are ordinary tensors: trainable on
 
@@ -144,15 +147,20 @@ def _decode(steps, plain, prompt_ids, prompt_mask, max_new_tokens, eos, pad_id, 
     x_pos = positions(prompt_mask)                           # (B, P) the prompt's positions
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     ids, mask, logps = [], [], []
+    # [every row has ended, model i has no row left to step]: on every rank under --fsdp, where each forward is a
+    # collective and the ranks step in lock-step until all are done (ddp.everywhere: one reduction per step)
+    idle = ddp.everywhere([False] + [wm is None for _, _, wm, _ in steps])
     for t in range(max_new_tokens):
         a = attn[:, :P + t]                                  # (B, P + t) a view: what the models may attend to
         z = None                                             # (B, V) the rows' mixed logits
         for i, (model, r, wm, every) in enumerate(steps):
-            if t and done[r].all():
+            if idle[i + 1]:
                 continue                                     # its rows have all ended: never needed again
             out = model(input_ids=x[r], attention_mask=a[r], position_ids=x_pos[r], cache=caches[i],
                         use_cache=True, logits_to_keep=1)    # only the last position is sampled from
             caches[i] = out.cache
+            if wm is None:
+                continue                                     # a filler step (--fsdp): nothing of it is used
             h = _f32(out.logits[:, -1])                      # (n_m, V)
             if plain:
                 z = h
@@ -175,7 +183,8 @@ def _decode(steps, plain, prompt_ids, prompt_mask, max_new_tokens, eos, pad_id, 
         mask.append(~done)
         logps.append(lp.gather(-1, tok[:, None]).squeeze(-1).masked_fill(done, 0.0))
         done = done | torch.isin(tok, eos)
-        if done.all():
+        idle = ddp.everywhere([bool(done.all())] + [wm is None or bool(done[r].all()) for _, r, wm, _ in steps])
+        if idle[0]:
             break
         # feed the new token; a finished row's filler token is masked out and never read again
         x = ids[-1][:, None]                                 # (B, 1)

@@ -79,7 +79,9 @@ def start(args, policy):
     # bf16: forwards under autocast, one fresh context per stage. Autocast keeps its bf16 copies of the
     # weights until the outermost context exits, so one context around the whole run would make every
     # forward read the initial weights while AdamW updates the float32 ones: a run that never learns.
-    run.amp = partial(torch.autocast, args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    # (--fsdp casts for the forward itself: ddp.shard's MixedPrecisionPolicy)
+    run.amp = partial(torch.autocast, args.device.split(":")[0], dtype=torch.bfloat16,
+                      enabled=args.dtype == "bfloat16" and not ddp.fsdp)
     return run
 
 def collect(run, w, args, sampler, n):
@@ -144,14 +146,14 @@ def update(run, w, args, pairs, epochs, anchor):
                 loss = loss + args.xpo_alpha * (pc * ref_c + pr * ref_r).mean()
             run.opt.zero_grad(set_to_none=True)
             loss.backward()                 # under torchrun DDP averages the ranks' gradients here
-            norm = torch.nn.utils.clip_grad_norm_(w.policy.parameters(), 1.0)
-            stats = ddp.mean(dict(loss=loss.item(), **reward_metrics(cr, rr_)))   # the whole batch's
+            norm = ddp.full(torch.nn.utils.clip_grad_norm_(w.policy.parameters(), 1.0))   # (--fsdp: of every rank's shards)
+            stats = ddp.mean(dict(loss=loss.item(), **reward_metrics(cr, rr_), grad_norm=norm.item()))   # the whole batch's
             checkpoint.finite_or_stop(run, stats["loss"], norm)   # before the step: the weights stay the last good ones
             run.opt.step()
             run.steps += 1
             run.train_log.append(stats)
 
-@torch.inference_mode()
+@torch.no_grad()
 def evaluate(policy, ref, tok, scorer, prompts, beta, samples, max_new_tokens, seed=0, eos_id=None):
     """Reward, KL and J of the current policy on held-out prompts (paper Sec. 6: J = reward - beta*KL),
     each with its standard error: `samples` responses per prompt, scored by `scorer`. KL is the exact
@@ -187,7 +189,7 @@ def crossed(labels, per_round, every):
 
 def main(argv=None):
     args = options.get_args(argv)
-    args.device = ddp.init(args.device)                    # torchrun: one process per device
+    args.device = ddp.init(args.device, args.fsdp)         # torchrun: one process per device
     with folder.claim(args):    # this process alone writes the folder; any stop (Ctrl-C, q...) ends like a kill
         ck = checkpoint.latest(args.out) if args.resume else None
         w = ddp.first(lambda: load(args, start_from=ck and ck["policy"]))   # (rank 0 first: it may build the world)

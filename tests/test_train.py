@@ -63,6 +63,7 @@ def test_same_seed_same_numbers(tiny_world, tmp_path):
     (["--device", "gpu"], "--device gpu is not available"),
     (["--judge", "some-rm"], "leave out --judge"),
     (["--oracle", "human", "--from_pairs", "pairs.jsonl"], "run it with plain python train.py"),
+    (["--fsdp", "--reference", "behavior"], "which --fsdp does not shard"),
 ])
 def test_bad_arguments_fail_in_one_line_before_any_work(argv, match, capsys, tmp_path):
     out = str(tmp_path / "run")

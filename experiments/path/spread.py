@@ -1,13 +1,13 @@
 """The embedded world's reference, its oracle reward spread: 16 samples of each of 100 training prompts,
 the standard deviation within a prompt (averaged over prompts) and overall. (experiments/path/protocol.md)"""
-import omp  # noqa: F401
-
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import omp  # noqa: E402,F401  (first of the project: how the CPU threads wait)
+
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import load  # noqa: E402
 import world  # noqa: E402
 from oracle import Oracle  # noqa: E402

@@ -7,16 +7,17 @@ E_{pi+}[r] - E_{pi-}[r] as N grows (resampling from N/2 candidates falls short b
 
     python experiments/t_pilaf_n/measure.py --policy <folder> ... --beta 0.025 --out results/t_pilaf_n.json
 """
-import omp  # noqa: F401
-
-import argparse
-import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import omp  # noqa: E402,F401  (first of the project: how the CPU threads wait)
+
+import argparse
+import json
+
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import load  # noqa: E402
 import pilaf  # noqa: E402
 import world  # noqa: E402
