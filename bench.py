@@ -11,6 +11,8 @@ What sampling and a DPO step cost, measured side by side (in the tradition of na
         the textbook version (full logits over prompt and response, a float32 log_softmax, two forwards),
         the step this repo had before (the same in one forward over chosen and rejected stacked), and
         ours in one stacked forward (the choice dpo.pair_logps made against)
+    (e) GPT-2 small (all 12 layers) on 2 processes, sharded (--fsdp) against DDP: the peak memory per
+        rank, and the time of a DPO step and of a PILAF pair batch (what sharding costs on this machine)
 
     python bench.py                        # both sizes on the CPU: about 12 minutes on 2 cores
     python bench.py --size world           # the embedded world's model size only (about a minute)
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import time
 from functools import partial
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +72,7 @@ def get_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions per case (the median is reported)")
     p.add_argument("--dpo_case", default=None, help=argparse.SUPPRESS)   # internal: one DPO-step case in a child
+    p.add_argument("--dist_case", default=None, help=argparse.SUPPRESS)  # internal: (e) under torchrun, fsdp or ddp
     args = p.parse_args(argv)
     if args.device.split(":")[0] not in ("cpu", "cuda") or args.device.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device {args.device} is not available here -- use --device cpu")
@@ -274,6 +278,69 @@ def bench_dpo(size, args):
             (size, "    (d) ours in one stacked forward: time, against ours", sec("ours, one stacked forward"), sec("ours"),
              med["ours, one stacked forward"]["time"] / med["ours"]["time"], "")]
 
+# -----------------------------------------------------------------------------
+# (e): FSDP against DDP, two processes
+
+SHARDED = dict(prompt_len=64, resp_len=32, pairs=4, sample_prompts=4, new=16)   # per rank; GPT-2 small, all 12 layers
+
+def dist_child(args):
+    """Under torchrun: GPT-2 small policy and reference, sharded (--dist_case fsdp) or whole (ddp); one DPO
+    step after a warm-up, then one PILAF pair batch, timed; the rise of peak memory over the ranks (JSON, rank 0)."""
+    import resource
+    import ddp
+    ddp.init(args.device, sharded=args.dist_case == "fsdp")
+    peak = lambda: (torch.cuda.max_memory_allocated() if args.device.startswith("cuda")
+                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    base = peak()
+    pol = ddp.shard(model({}, args.device, 1).train())
+    ref = ddp.shard(model({}, args.device, 2).requires_grad_(False))
+    net, opt = ddp.wrap(pol), torch.optim.AdamW(pol.parameters(), lr=1e-5)
+    S, V = SHARDED, pol.config.vocab_size
+    p, pm = prompts(S["pairs"], S["prompt_len"], V, args.device, seed=1 + ddp.rank)
+    c, r = (torch.randint(0, V, (S["pairs"], S["resp_len"]), generator=torch.Generator().manual_seed(s + ddp.rank)).to(args.device)
+            for s in (2, 3))
+    m = torch.ones_like(c)
+
+    def step():
+        pc, pr = dpo.pair_logps(net, p, pm, c, m, r, m)
+        with torch.no_grad():
+            rc, rr = dpo.pair_logps(ref, p, pm, c, m, r, m)
+        dpo.dpo_loss(pc, pr, rc, rr, BETA)[0].mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    times = {}
+    for name, fn in (("step", step), ("pilaf", lambda: pilaf.pilaf(pol, ref, p, pm, BETA, gen_kw(S["new"], 0, args.device)))):
+        fn()                                  # warm-up
+        sync(args.device)
+        t = time.perf_counter()
+        fn()
+        sync(args.device)
+        times[name] = time.perf_counter() - t
+    got = ddp.everyone(dict(times, mem=peak() - base))
+    if ddp.rank == 0:
+        print(json.dumps({k: max(g[k] for g in got) for k in got[0]}))
+    ddp.close(SimpleNamespace(model=None))
+
+def bench_dist(args):
+    """(e): FSDP and DDP, each a torchrun of 2 processes, alternated; medians of the per-rank maxima."""
+    got = {c: [] for c in ("fsdp", "ddp")}
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for _ in range(min(args.reps, 2)):
+        for c in got:
+            out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                  os.path.abspath(__file__), "--device", args.device, "--dist_case", c],
+                                 capture_output=True, text=True, check=True, env=env)
+            got[c].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    med = {c: {k: statistics.median(x[k] for x in got[c]) for k in ("step", "pilaf", "mem")} for c in got}
+    S = SHARDED
+    yield from [("gpt2", f"(e) peak memory per rank, FSDP against DDP, 2 processes (GPT-2 small, 12 layers, AdamW)",
+                 f"{med['fsdp']['mem'] / 2**20:8.0f} MiB", f"{med['ddp']['mem'] / 2**20:8.0f} MiB",
+                 med["fsdp"]["mem"] / med["ddp"]["mem"], "~0.5x of the states"),
+                ("gpt2", f"    (e) a DPO step ({S['pairs']} pairs a rank, {S['prompt_len']}+{S['resp_len']} tokens)",
+                 f"{med['fsdp']['step']:8.2f} s", f"{med['ddp']['step']:8.2f} s", med["fsdp"]["step"] / med["ddp"]["step"], ""),
+                ("gpt2", f"    (e) a PILAF pair batch ({S['sample_prompts']} prompts a rank x {S['new']} tokens)",
+                 f"{med['fsdp']['pilaf']:8.2f} s", f"{med['ddp']['pilaf']:8.2f} s", med["fsdp"]["pilaf"] / med["ddp"]["pilaf"], "")]
+
 def hardware(device):
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
@@ -290,6 +357,8 @@ def main(argv=None):
     transformers.logging.set_verbosity_error()
     if args.dpo_case:
         return dpo_child(args)
+    if args.dist_case:
+        return dist_child(args)
     print(f"bench.py | {hardware(args.device)} | torch {torch.__version__} | medians of interleaved repetitions "
           f"({args.reps}; 2 for the slow GPT-2 cases)")
     busy = os.getloadavg()[0]                 # processes running or waiting, over the last minute
@@ -298,10 +367,12 @@ def main(argv=None):
               f"{torch.get_num_threads()} threads): ratios measured now mean little; run it on an idle machine")
     print(f"{'size':6} {'comparison':78} {'ours':>14} {'against':>14} {'ratio':>7}  target")
     for size in (SIZES if args.size == "all" else [args.size]):
-        for bench in (bench_sampling, bench_dpo):
+        two = args.device == "cpu" or torch.cuda.device_count() >= 2     # (e) needs two processes, each a device
+        for bench in (bench_sampling, bench_dpo) + ((lambda size, args: bench_dist(args)),) * (size == "gpt2" and two):
             for size_, what, ours, other, ratio, target in bench(size, args):
                 print(f"{size_:6} {what:78} {ours:>14} {other:>14} {ratio:6.2f}x  {target}", flush=True)
-    print("ratio: (a) HF time / ours; (b) PILAF / Vanilla time; (c) no-cache / cached time; (d) ours / the other. "
+    print("ratio: (a) HF time / ours; (b) PILAF / Vanilla time; (c) no-cache / cached time; (d) ours / the other; "
+          "(e) FSDP / DDP. "
           "What they mean: docs/performance.md.")
 
 if __name__ == "__main__":
