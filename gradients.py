@@ -174,6 +174,8 @@ def main(argv=None):
     p.add_argument("--pairs", type=int, default=8, help="pairs per prompt for each (b), in two halves")
     p.add_argument("--n", type=int, default=8, help="candidates per prompt of best_of_n and t_pilaf")
     p.add_argument("--seed", type=int, default=0, help="seeds every batch")
+    p.add_argument("--prompts", type=int, default=None, help="the first this many training prompts (default: all)")
+    p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS), help="what to measure")
     p.add_argument("--json", help="also write every batch's cosines here, per checkpoint (JSON)")
     args = p.parse_args(argv)
     if args.samples < 4 or args.samples % 2 or args.pairs < 2 or args.pairs % 2 or args.batches < 1 or args.n < 4:
@@ -183,20 +185,21 @@ def main(argv=None):
     ref, tok = load.load_policy(os.path.join(d, "policy"))
     oracle = Oracle(*load.load_oracle(os.path.join(d, "oracle")))
     prompts, test = load.load_prompts(os.path.join(d, "prompts"))
+    prompts = prompts[:args.prompts]
     ref.requires_grad_(False)
     eos, rows = load.eos_ids(ref, tok), []
     for path in args.policy:
         policy, _ = load.load_policy(path)
         kl = train.evaluate(policy, ref, tok, oracle, test, args.beta, 8, 32, args.seed, eos)["kl"]
-        got = measure(policy, ref, tok, oracle, prompts, args.beta, batches=args.batches, samples=args.samples,
-                      pairs=args.pairs, eos=eos, seed=args.seed, n=args.n)
+        got = measure(policy, ref, tok, oracle, prompts, args.beta, samplers=args.samplers, batches=args.batches,
+                      samples=args.samples, pairs=args.pairs, eos=eos, seed=args.seed, n=args.n)
         rows.append((path, got, kl))
-        print(table(rows[-1:]), flush=True)
+        print(table(rows[-1:], args.samplers), flush=True)
         if args.json:
             with open(args.json + ".tmp", "w") as f:
                 json.dump([dict(checkpoint=n, kl=k, cosines=g) for n, g, k in rows], f, indent=1)
             os.replace(args.json + ".tmp", args.json)
-    print(table(rows))
+    print(table(rows, args.samplers))
 
 if __name__ == "__main__":
     main()
