@@ -27,10 +27,15 @@ OPTIONS["two_temps"] = ["hot"]
 OPTION = '''    g.add_argument("--hot", type=float, default=2.0, help="two_temps: the second response's temperature")
 '''
 
-def test_a_new_sampler_with_its_own_option_touches_two_files(tiny_world, tmp_path):
+def fork_of(tmp_path):
+    """A copy of the repository's code, to change as a fork would."""
     fork = tmp_path / "fork"
     shutil.copytree(ROOT, fork, ignore=shutil.ignore_patterns(".git", ".venv", "tests", "notebooks", "out", "results",
-                                                              "__pycache__"))
+                                                              "experiments", "__pycache__"))
+    return fork
+
+def test_a_new_sampler_with_its_own_option_touches_two_files(tiny_world, tmp_path):
+    fork = fork_of(tmp_path)
     with open(fork / "pilaf.py", "a") as f:
         f.write(SAMPLER)
     opts = (fork / "options.py").read_text()
@@ -69,9 +74,7 @@ LABELLERS["shorter"] = Shorter
 '''
 
 def test_an_api_labeller_is_one_class_and_one_entry(tiny_world, tmp_path):
-    fork = tmp_path / "fork"
-    shutil.copytree(ROOT, fork, ignore=shutil.ignore_patterns(".git", ".venv", "tests", "notebooks", "out", "results",
-                                                              "__pycache__"))
+    fork = fork_of(tmp_path)
     with open(fork / "oracle.py", "a") as f:
         f.write(LABELLER)
     w = world_args(tiny_world)

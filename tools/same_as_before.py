@@ -80,9 +80,13 @@ def read(out):
     weights = {k: v.tolist() for k, v in load_file(w).items()} if os.path.exists(w) else None
     return pairs, metrics, weights
 
-def compare(name, a, b):
+def compare(name, a, b, shared_keys=False):
+    """a: the earlier tree's run, b: this checkout's. shared_keys: metrics compared on the earlier tree's
+    keys only (for a change that adds a metric and changes nothing else)."""
     pa, ma, wa = read(a)
     pb, mb, wb = read(b)
+    if shared_keys:
+        mb = [{k: v for k, v in m.items() if k in old} for m, old in zip(mb, ma)] + mb[len(ma):]
     bad = [what for what, x, y in (("pairs.jsonl", pa, pb), ("metrics.jsonl", ma, mb), ("weights", wa, wb)) if x != y]
     n = pa.count(b"\n")
     print(f"{name:22s} {'SAME' if not bad else 'DIFFERENT: ' + ', '.join(bad)}  ({n} pairs, {len(ma)} evaluations)",
@@ -97,6 +101,7 @@ def main():
     p.add_argument("--store", default=None, help="keep the earlier tree's runs here and reuse them (default: a temporary folder)")
     p.add_argument("--old_cache", default=None, help="PILAF_CACHE of the earlier tree (default: <store>/cache-old)")
     p.add_argument("--new_cache", default=None, help="PILAF_CACHE of this checkout (default: <store>/cache-new)")
+    p.add_argument("--shared_keys", action="store_true", help="compare metrics.jsonl on the earlier tree's keys only")
     args = p.parse_args()
     ok = True
     tmp = args.store or tempfile.mkdtemp(prefix="same-as-before-")
@@ -119,10 +124,10 @@ def main():
     both = lambda name, argv, **kw: [run(which, name, argv, **kw) for which in trees]
     for name in args.cases:
         if name in CASES:
-            ok &= compare(name, *both(name, CASES[name]))
+            ok &= compare(name, *both(name, CASES[name]), args.shared_keys)
         elif name == "from_pairs":
             src = run("old", "from_pairs-source", SHORT)
-            ok &= compare(name, *both(name, SHORT + ["--beta", "0.2", "--from_pairs", os.path.join(src, "pairs.jsonl")]))
+            ok &= compare(name, *both(name, SHORT + ["--beta", "0.2", "--from_pairs", os.path.join(src, "pairs.jsonl")]), args.shared_keys)
         elif name == "resume":
             argv = ["--sampler", "pilaf"] + SHORT
             full = run("old", "resume-uninterrupted", argv)
@@ -130,19 +135,19 @@ def main():
             shutil.rmtree(cut, ignore_errors=True)
             rc, log = killed_then_resumed(ROOT, argv, cut, 600, caches["new"])
             assert rc == 0, log[-2000:]
-            ok &= compare(name, full, cut)
+            ok &= compare(name, full, cut, args.shared_keys)
         elif name == "torchrun":
-            ok &= compare(name, *both(name, ["--sampler", "pilaf"] + SHORT, nproc=2))
+            ok &= compare(name, *both(name, ["--sampler", "pilaf"] + SHORT, nproc=2), args.shared_keys)
         elif name == "human":
             answers = "".join(a + "\n" for a in ANSWERS)
-            ok &= compare("human (one sitting)", *both("human", HUMAN, stdin=answers))
+            ok &= compare("human (one sitting)", *both("human", HUMAN, stdin=answers), args.shared_keys)
             # the same answers in two sittings on the new tree: the input runs dry after 30 lines, then --resume
             split = os.path.join(tmp, "human-new-split")
             shutil.rmtree(split, ignore_errors=True)
             train(ROOT, HUMAN + ["--out", split], caches["new"], stdin="".join(a + "\n" for a in ANSWERS[:30]))
             rc, log = train(ROOT, ["--resume", split], caches["new"], stdin="".join(a + "\n" for a in ANSWERS[30:]))
             assert rc == 0, log[-2000:]
-            ok &= compare("human (two sittings)", os.path.join(tmp, "human-old"), split)
+            ok &= compare("human (two sittings)", os.path.join(tmp, "human-old"), split, args.shared_keys)
         else:
             sys.exit(f"same_as_before.py: error: unknown case '{name}'")
     print("all the same" if ok else "SOME DIFFER")
