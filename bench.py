@@ -308,14 +308,8 @@ def dist_child(args):
         dpo.dpo_loss(pc, pr, rc, rr, BETA)[0].mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    times = {}
-    for name, fn in (("step", step), ("pilaf", lambda: pilaf.pilaf(pol, ref, p, pm, BETA, gen_kw(S["new"], 0, args.device)))):
-        fn()                                  # warm-up
-        sync(args.device)
-        t = time.perf_counter()
-        fn()
-        sync(args.device)
-        times[name] = time.perf_counter() - t
+    times = race({"step": lambda warm: step(),
+                  "pilaf": lambda warm: pilaf.pilaf(pol, ref, p, pm, BETA, gen_kw(S["new"], 0, args.device))}, 1, args.device)
     got = ddp.everyone(dict(times, mem=peak() - base))
     if ddp.rank == 0:
         print(json.dumps({k: max(g[k] for g in got) for k in got[0]}))
@@ -333,7 +327,7 @@ def bench_dist(args):
             got[c].append(json.loads(out.stdout.strip().splitlines()[-1]))
     med = {c: {k: statistics.median(x[k] for x in got[c]) for k in ("step", "pilaf", "mem")} for c in got}
     S = SHARDED
-    yield from [("gpt2", f"(e) peak memory per rank, FSDP against DDP, 2 processes (GPT-2 small, 12 layers, AdamW)",
+    yield from [("gpt2", "(e) peak memory per rank, FSDP against DDP, 2 processes (GPT-2 small, 12 layers, AdamW)",
                  f"{med['fsdp']['mem'] / 2**20:8.0f} MiB", f"{med['ddp']['mem'] / 2**20:8.0f} MiB",
                  med["fsdp"]["mem"] / med["ddp"]["mem"], "~0.5x of the states"),
                 ("gpt2", f"    (e) a DPO step ({S['pairs']} pairs a rank, {S['prompt_len']}+{S['resp_len']} tokens)",

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pilaf import resample, t_pilaf
+from pilaf import resample
 from conftest import H_POL, H_REF, MICRO, bad, one_token_pairs, read_jsonl, world_args
 
 def exact(h_pol, h_ref, beta):
@@ -75,7 +75,6 @@ def test_the_two_responses_are_different_candidates():
     assert abs(got["tilted"].double().mean().item() - 0.5) < 4 * (0.25 / 500) ** 0.5   # Z+ = Z- = 1: a fair coin
 
 def test_t_pilaf_runs_end_to_end_and_records_its_branch(tiny_world, tmp_path):
-    import json
     import os
     import train
     out = str(tmp_path / "run")

@@ -52,7 +52,7 @@ def main():
     args = p.parse_args()
     dose = {row["policy"].split("labels-")[1][:7]: row["log_zz"] for row in json.load(open(args.doses)) if row["n"] == 256}
     at = {L: runs_at(args.runs, L) for L in STARTS}
-    lines = [f"# dose: each sampler's gain over Vanilla along the path (experiments/dose/protocol.md)", "",
+    lines = ["# dose: each sampler's gain over Vanilla along the path (experiments/dose/protocol.md)", "",
              f"Continuations of 512 labels from checkpoints of `path/` (exploratory; Vanilla, β 0.025), T-PILAF and "
              f"Best-of-N at N = {args.n}; ΔJ = final J minus Vanilla's, paired by seed, mean ± 95% t-interval.", "",
              "| start (labels) | seeds | KL at start | mean \\|r_θ\\| | dose: mean log Z₊Z₋ | " +
