@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")       # tests never touch the netwo
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import load  # noqa: E402
+import options  # noqa: E402
 import world  # noqa: E402
 
 TINY_WORLD = dict(world.WORLD, sft_examples=1500, sft_epochs=1, rm_examples=1500, rm_epochs=1,
@@ -133,3 +134,18 @@ def standin_reward_model(path, with_pad):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return load.load_oracle(str(path))
+
+def fake_run(out, sampler, seed, J, labels=(0, 16, 32), budget=32, **config):
+    """A finished run folder written by hand (config, metrics, summary) for the statistics and the report."""
+    d = os.path.join(out, f"{sampler}-s{seed}")
+    os.makedirs(d)
+    cfg = dict(vars(options.get_args(["--overwrite"])), sampler=sampler, seed=seed, mode="online", labels=budget, batch_size=8,
+               iterations=4, epochs=2, lr=1e-3, max_new_tokens=10, **config)   # train.py's defaults for the rest
+    k = dict(vanilla=1.0, hybrid=0.5, pilaf=1.5, t_pilaf=2.0)[sampler]          # KL grows by k per evaluation
+    metrics = [dict(labels=n, J=j, kl=k * i, reward=j + 0.1 * k * i, fwd_per_pair=3.0 if sampler == "pilaf" else 2.0,
+                    score_fwd_per_pair=0.0, judged_per_label=2.0) for i, (n, j) in enumerate(zip(labels, J))]
+    for name, obj in (("config.json", cfg), ("summary.json", metrics[-1])):
+        with open(os.path.join(d, name), "w") as f:
+            json.dump(obj, f)
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in metrics)

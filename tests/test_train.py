@@ -74,7 +74,7 @@ def test_bad_models_and_data_fail_in_one_line(tiny_world, capsys, tmp_path):
     out = str(tmp_path / "run")
     w = world_args(tiny_world)
     bad(["--out", out, "--max_new_tokens", "60"] + w, capsys, "lower --max_new_tokens to")
-    bad(["--out", out] + w + ["--policy", str(tmp_path / "missing")], capsys, "has no config.json")
+    bad(["--out", out] + w + ["--policy", str(tmp_path / "missing")], capsys, "missing' does not exist")
     bad(["--out", out] + w + ["--oracle", str(tmp_path)], capsys, "has no config.json")
     bad(["--out", out] + w + ["--prompt_column", "text"], capsys, "no column 'text'")
     assert not os.path.exists(out)
@@ -350,7 +350,10 @@ def test_a_pairs_loss_weight_scales_its_share_of_the_step(tiny_world, tmp_path):
         policy = copy.deepcopy(ref)
         train.update(train.start(args, policy), SimpleNamespace(policy=policy, tok=tok), args, batch, 1, ref)
         moved.append(torch.cat([(a - b).flatten() for a, b in zip(policy.parameters(), ref.parameters())]))
-    assert moved[1].abs().max() > 1e-4 and ((moved[0] - moved[1]).norm() / moved[1].norm()).item() < 1e-4
+    # AdamW's first step is lr * g/|g| per weight: where g is near 0, the rounding of another batch's padding
+    # can flip its sign, so the two steps agree to about 1e-4 of their size; a weight ignored or misapplied
+    # moves them apart by a large fraction of it
+    assert moved[1].abs().max() > 1e-4 and ((moved[0] - moved[1]).norm() / moved[1].norm()).item() < 1e-2
 
 def test_t_pilaf_gives_each_pair_its_prompts_weight(tiny_world, tmp_path):
     """--prompt_weight: each pair's weight is C(x) = 2 + 2*Z+Z-(x) over its batch's mean (Z+- as recorded)."""

@@ -104,8 +104,10 @@ def test_a_folder_that_is_not_a_world_is_never_replaced(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 def test_missing_folder_and_offline_hub_name_fail_clearly(tmp_path):
-    with pytest.raises(UserError, match="no config.json"):
+    with pytest.raises(UserError, match="nope' does not exist -- pass a folder saved with save_pretrained"):
         load.check_name("policy", str(tmp_path / "nope"))
+    with pytest.raises(UserError, match="has no config.json"):
+        load.check_name("policy", str(tmp_path))
     with pytest.raises(UserError, match="cannot load policy 'no-such-org/no-such-model'"):
         load.check_name("policy", "no-such-org/no-such-model")
 
