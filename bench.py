@@ -72,7 +72,7 @@ def get_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions per case (the median is reported)")
     p.add_argument("--dpo_case", default=None, help=argparse.SUPPRESS)   # internal: one DPO-step case in a child
-    p.add_argument("--dist_case", default=None, help=argparse.SUPPRESS)  # internal: (e) under torchrun, fsdp or ddp
+    p.add_argument("--dist_case", default=None, help=argparse.SUPPRESS)  # internal: (e) under torchrun, fsdp, ddp or fsdp+ac
     args = p.parse_args(argv)
     if args.device.split(":")[0] not in ("cpu", "cuda") or args.device.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device {args.device} is not available here -- use --device cpu")
@@ -284,15 +284,17 @@ def bench_dpo(size, args):
 SHARDED = dict(prompt_len=64, resp_len=32, pairs=4, sample_prompts=4, new=16)   # per rank; GPT-2 small, all 12 layers
 
 def dist_child(args):
-    """Under torchrun: GPT-2 small policy and reference, sharded (--dist_case fsdp) or whole (ddp); one DPO
+    """Under torchrun: GPT-2 small policy and reference, sharded (--dist_case fsdp; fsdp+ac: with the policy's
+    activations recomputed, --activation_checkpointing) or whole (ddp); one DPO
     step after a warm-up, then one PILAF pair batch, timed; the rise of peak memory over the ranks (JSON, rank 0)."""
     import resource
     import ddp
-    ddp.init(args.device, sharded=args.dist_case == "fsdp")
+    ddp.init(args.device, sharded=args.dist_case != "ddp")
     peak = lambda: (torch.cuda.max_memory_allocated() if args.device.startswith("cuda")
                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     base = peak()
-    pol = ddp.shard(model({}, args.device, 1).train())
+    pol = model({}, args.device, 1).train()
+    pol = ddp.shard(ddp.recompute(pol) if args.dist_case == "fsdp+ac" else pol)
     ref = ddp.shard(model({}, args.device, 2).requires_grad_(False))
     net, opt = ddp.wrap(pol), torch.optim.AdamW(pol.parameters(), lr=1e-5)
     S, V = SHARDED, pol.config.vocab_size
@@ -317,7 +319,7 @@ def dist_child(args):
 
 def bench_dist(args):
     """(e): FSDP and DDP, each a torchrun of 2 processes, alternated; medians of the per-rank maxima."""
-    got = {c: [] for c in ("fsdp", "ddp")}
+    got = {c: [] for c in ("fsdp", "ddp", "fsdp+ac")}
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for _ in range(min(args.reps, 2)):
         for c in got:
@@ -333,7 +335,12 @@ def bench_dist(args):
                 ("gpt2", f"    (e) a DPO step ({S['pairs']} pairs a rank, {S['prompt_len']}+{S['resp_len']} tokens)",
                  f"{med['fsdp']['step']:8.2f} s", f"{med['ddp']['step']:8.2f} s", med["fsdp"]["step"] / med["ddp"]["step"], ""),
                 ("gpt2", f"    (e) a PILAF pair batch ({S['sample_prompts']} prompts a rank x {S['new']} tokens)",
-                 f"{med['fsdp']['pilaf']:8.2f} s", f"{med['ddp']['pilaf']:8.2f} s", med["fsdp"]["pilaf"] / med["ddp"]["pilaf"], "")]
+                 f"{med['fsdp']['pilaf']:8.2f} s", f"{med['ddp']['pilaf']:8.2f} s", med["fsdp"]["pilaf"] / med["ddp"]["pilaf"], ""),
+                ("gpt2", "    (e) peak memory per rank, FSDP with activation checkpointing against FSDP",
+                 f"{med['fsdp+ac']['mem'] / 2**20:8.0f} MiB", f"{med['fsdp']['mem'] / 2**20:8.0f} MiB",
+                 med["fsdp+ac"]["mem"] / med["fsdp"]["mem"], ""),
+                ("gpt2", "    (e) a DPO step, FSDP with activation checkpointing against FSDP",
+                 f"{med['fsdp+ac']['step']:8.2f} s", f"{med['fsdp']['step']:8.2f} s", med["fsdp+ac"]["step"] / med["fsdp"]["step"], "")]
 
 def hardware(device):
     if device.startswith("cuda"):

@@ -11,6 +11,7 @@ the stages in train.py read as one process's algorithm:
     everyone(x)   a picklable value from every rank (the generator states a checkpoint keeps)
     seed(s)       rank r's generators start from s + r * SEED_STRIDE (rank 0: the plain run's)
     shard(m)      --fsdp: the model sharded block by block (FSDP2's fully_shard), each rank holding 1/N
+    recompute(m)  --activation_checkpointing: each block's activations recomputed in backward, not kept
     everywhere(f) --fsdp: flags true on every rank; most(n): the largest n of any rank (lock-step)
 
 Under torchrun every rank samples and labels its share of each batch, all ranks train on the whole
@@ -25,10 +26,13 @@ scoring in chunks and the oracle's batches go on in lock-step until every rank i
 are the identity, and a run is what it was.
 """
 import os
+import types
 from datetime import timedelta
+from functools import partial
 
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 on, rank, nproc = False, 0, 1
 fsdp = False        # --fsdp: the models sharded with FSDP2 (init sets it)
@@ -71,21 +75,40 @@ def wrap(model):
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model) if on and not fsdp else model
 
+def blocks(model):
+    """The model's transformer blocks: the classes a Hugging Face model names in _no_split_modules
+    (GPT2Block, LlamaDecoderLayer...), the units FSDP shards and activation checkpointing recomputes."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in list(model.modules())[1:] if any(c.__name__ in names for c in type(m).__mro__)]   # FSDP's subclass too
+
 def shard(model, bf16=False):
-    """--fsdp: `model` sharded in place across the ranks by FSDP2, each block (the classes a Hugging Face
-    model names in _no_split_modules: GPT2Block, LlamaDecoderLayer...) and then the whole. bf16: its
-    forwards in bfloat16, its gradients reduced and its weights kept in float32 (MixedPrecisionPolicy).
+    """--fsdp: `model` sharded in place across the ranks by FSDP2, each block and then the whole. bf16:
+    its forwards in bfloat16, its gradients reduced and its weights kept in float32 (MixedPrecisionPolicy).
     Without --fsdp, the model as it is."""
     if not fsdp:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     kw = dict(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)) if bf16 else {}
-    blocks = set(getattr(model, "_no_split_modules", None) or [])
-    for m in list(model.modules())[1:]:
-        if type(m).__name__ in blocks:
-            fully_shard(m, **kw)
+    for m in blocks(model):
+        fully_shard(m, **kw)
     fully_shard(model, **kw)
     return model
+
+def recompute(model):
+    """--activation_checkpointing: each block's forward, when it records a graph, keeps only its inputs;
+    backward runs it again for the rest (torch.utils.checkpoint). A DPO step's activations grow with
+    pairs x tokens x layers; this trades them for one more forward of the policy per step. The wrapper sits
+    inside FSDP's hooks (they wrap the block's __call__, this its forward), so the recomputation finds
+    the block's weights gathered, as FSDP2's own recipe has it. Sampling and evaluation record no graph
+    and run the block as it is. The model, in place."""
+    for m in blocks(model):
+        m.forward = types.MethodType(recomputed, m)     # bound to m, so a deepcopy of the model binds its copy
+    return model
+
+def recomputed(block, *a, **k):
+    """A block's forward under activation checkpointing (recompute)."""
+    f = partial(type(block).forward, block)
+    return checkpoint(f, *a, use_reentrant=False, **k) if torch.is_grad_enabled() else f(*a, **k)
 
 def save_sharded(path, model, opt):
     """--fsdp: the model's and the optimizer's shards, each rank writing its own, with PyTorch's distributed

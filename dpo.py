@@ -31,7 +31,10 @@ def response_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
     # Only the last L+1 positions reach the LM head (the prompt's last token predicts the first
     # response token; the final position predicts nothing): at a 50k vocabulary the prompt's logits
     # would be most of the step's memory, and no token of the prompt is scored.
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn), logits_to_keep=L + 1).logits[:, :-1]  # (B, L, V)
+    # no KV cache: nothing follows this forward (and a recomputed block, --activation_checkpointing, would
+    # append its keys to the cache a second time)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn), logits_to_keep=L + 1,
+                   use_cache=False).logits[:, :-1]  # (B, L, V)
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 def sequence_logps(model, prompt_ids, prompt_mask, resp_ids, resp_mask):

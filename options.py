@@ -93,6 +93,8 @@ def parser():
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights")
     g.add_argument("--fsdp", action="store_true", help="shard policy, reference and reward model across the processes "
                    "(FSDP2; under torchrun, or one process): for models too big for one device (docs/running.md)")
+    g.add_argument("--activation_checkpointing", action="store_true", help="recompute each policy block's activations in "
+                   "backward instead of keeping them: less memory per DPO step, one more forward (docs/performance.md)")
     return p
 
 def defaults():

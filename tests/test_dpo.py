@@ -123,3 +123,35 @@ def test_exact_and_sampled_kl_agree_in_expectation_and_exact_varies_less():
     assert abs(d.mean()) < 4 * d.std() / len(d) ** 0.5, (exact.mean(), sampled.mean())
     assert exact.mean() > 0.5                       # the two models differ: a KL well away from 0
     assert exact.var() < 0.5 * sampled.var(), (exact.var(), sampled.var())
+
+def test_activation_checkpointing_keeps_less_and_recomputes_each_block_to_the_same_gradient(monkeypatch):
+    """--activation_checkpointing (ddp.recompute): the step's graph keeps fewer bytes, every block runs once more in
+    backward, and the loss and the gradient are the same numbers. A deepcopy (--reference behavior) runs its own weights."""
+    import copy
+
+    import ddp
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+    ids_p, mask_p = left_padded(PROMPTS)
+    c, cm, _ = generate([tiny_lm(8)], (1.0,), ids_p, mask_p, 9, EOS, PAD, 1.0, torch.Generator().manual_seed(6))
+    calls, forward = [0], GPT2Block.forward
+    monkeypatch.setattr(GPT2Block, "forward", lambda *a, **k: (calls.__setitem__(0, calls[0] + 1), forward(*a, **k))[1])
+
+    def step(model):
+        calls[0], kept = 0, []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: (kept.append(t.numel() * t.element_size()), t)[1], lambda t: t):
+            lp = sequence_logps(model, ids_p, mask_p, c, cm)
+        forwards = calls[0]
+        grads = torch.autograd.grad(lp.sum(), list(model.parameters()))
+        return lp, grads, sum(kept), forwards, calls[0] - forwards
+
+    plain, ckpt = tiny_lm(9), ddp.recompute(tiny_lm(9))
+    lp0, g0, kept0, f0, b0 = step(plain)
+    lp1, g1, kept1, f1, b1 = step(ckpt)
+    assert (f0, b0) == (2, 0) and (f1, b1) == (2, 2)      # 2 blocks: each forward once, and again in backward
+    assert kept1 < 0.6 * kept0, (kept1, kept0)
+    assert torch.equal(lp0, lp1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+    twin = copy.deepcopy(ckpt)
+    with torch.no_grad():
+        for p in ckpt.parameters():
+            p.add_(1.0)
+    assert torch.equal(sequence_logps(twin, ids_p, mask_p, c, cm), lp0)

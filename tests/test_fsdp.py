@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from conftest import ROOT, TIMINGS, lines, read_jsonl, weights, world_args
+from conftest import ROOT, TIMINGS, TINY_WORLD, lines, read_jsonl, weights, world_args
 
 SMALL = ["--eval_every", "16", "--eval_prompts", "7", "--eval_samples", "5", "--max_new_tokens", "12"]   # 35 samples: 18 and 17
 
@@ -45,10 +45,12 @@ def test_fsdp_starts_as_ddp_does_and_holds_half_the_policy(tiny_world, tmp_path)
 def test_one_fsdp_step_moves_the_weights_as_ddp(tiny_world, tmp_path):
     """One step on 16 pairs, gathered into an ordinary Hugging Face folder at the end: DDP's update, to float
     rounding relative to its size (AdamW's first step counts once: asking for a fresh optimizer's state to
-    checkpoint it would have taken a step of its own)."""
+    checkpoint it would have taken a step of its own). With activation checkpointing too: its blocks recompute
+    inside FSDP's gathers."""
     argv = ["--labels", "16", "--batch_size", "16"] + SMALL + world_args(tiny_world)
-    for d, extra in (("fsdp", ["--fsdp"]), ("ddp", [])):
-        launch(argv + extra + ["--out", str(tmp_path / d)])
+    said = {d: launch(argv + extra + ["--out", str(tmp_path / d)]).stdout
+            for d, extra in (("fsdp", ["--fsdp", "--activation_checkpointing"]), ("ddp", []))}
+    assert f"activation checkpointing: {TINY_WORLD['n_layer']} blocks of the policy recomputed" in said["fsdp"]
     ref = weights(tiny_world)
     one, two = (torch.cat([(weights(str(tmp_path / d))[k] - ref[k]).flatten() for k in sorted(ref)]) for d in ("ddp", "fsdp"))
     assert one.abs().max() > 1e-4 and ((two - one).norm() / one.norm()).item() < 1e-4
