@@ -110,7 +110,7 @@ def test_the_report_says_how_far_each_policy_moved(tmp_path):
     assert "## How far each policy moved" in text and "| Vanilla | 2 | 2.00 ± 0.00 | 0.300 ± 1.271 |" in text, text
 
 def test_the_report_pairs_t_pilaf_with_pilaf(tmp_path):
-    """What PILAF's roundings cost, seed by seed: J gaps 0.1 and 0.3 -> +0.200 ± 12.706*0.1414/sqrt(2);
+    """T-PILAF against PILAF, seed by seed: J gaps 0.1 and 0.3 -> +0.200 ± 12.706*0.1414/sqrt(2);
     KL grows by 2.0 against 1.5 per evaluation, so +1.00 at the end, and reward = J + 0.1*KL."""
     out = str(tmp_path / "cmp")
     for seed, (jp, jt) in enumerate(((0.4, 0.5), (0.6, 0.9))):
@@ -118,5 +118,5 @@ def test_the_report_pairs_t_pilaf_with_pilaf(tmp_path):
         fake_run(out, "t_pilaf", seed, [0.0, 0.2, jt])
     compare.main(["--samplers", "pilaf", "t_pilaf", "--seeds", "0", "1", "--out", out, "--only_report"])
     text = open(os.path.join(out, "results.md")).read()
-    assert "## What PILAF's two roundings cost" in text
+    assert "## T-PILAF − PILAF, paired by seed" in text
     assert "| 2 | +0.300 ± 1.271 | +1.00 ± 0.00 | +0.200 ± 1.271 |" in text, text
