@@ -232,12 +232,13 @@ def load(args, start_from=None):
     # --fsdp: each model sharded across the ranks (ddp.shard); otherwise each whole on this device
     oracle = Oracle(ddp.shard(orm.to(args.device)), orm_tok, fmt=args.oracle_format, how=args.label)   # or the judge
     if args.activation_checkpointing:       # before sharding: FSDP's gathers then wrap the recomputation
-        if not ddp.blocks(policy):
+        n = len(ddp.blocks(policy))
+        if not n:
             raise UserError(f"--activation_checkpointing: '{args.policy}' names no transformer blocks (_no_split_modules) "
                             f"-- run without it")
         ddp.recompute(policy)
         if ddp.rank == 0:
-            print(f"activation checkpointing: {len(ddp.blocks(policy))} blocks of the policy recomputed in backward")
+            print(f"activation checkpointing: {n} blocks of the policy recomputed in backward")
     policy = ddp.shard(policy.to(args.device), bf16=args.dtype == "bfloat16")
     if ddp.fsdp and ddp.rank == 0:
         n, size = ddp.on_this_rank(policy)
