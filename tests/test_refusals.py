@@ -204,3 +204,13 @@ def test_compares_help_shows_no_default_of_none(capsys):
         compare.get_args(["--help"])
     text = capsys.readouterr().out
     assert "(default: None)" not in text and "(default: online)" in text
+
+def test_activation_checkpointing_on_a_model_that_names_no_blocks_is_refused(tiny_world, monkeypatch, capsys, tmp_path):
+    """--activation_checkpointing recomputes the blocks a model names in _no_split_modules; a model that
+    names none would run with nothing recomputed, the option silently doing nothing."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2PreTrainedModel   # every GPT-2 class names its blocks here
+    monkeypatch.setattr(GPT2PreTrainedModel, "_no_split_modules", None)
+    out = tmp_path / "run"
+    bad(["--activation_checkpointing", "--out", str(out)] + MICRO + world_args(tiny_world), capsys,
+        "names no transformer blocks (_no_split_modules) -- run without it")
+    assert not out.exists()
