@@ -3,6 +3,7 @@ mock LMs small enough to check by brute force, and the helpers that run train.py
 wrote. Test modules import from here and from the project, never from each other."""
 import json
 import os
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -28,6 +29,29 @@ def tiny_world(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("world"))
     world.build(d, TINY_WORLD)
     return d
+
+@pytest.fixture(scope="session")
+def embedded_world():
+    """train.py's default world (world.DEFAULT_DIR), built if it is not cached: the notebooks and the
+    training test use the real thing."""
+    return world.ensure()
+
+def pytest_collection_finish(session):
+    """The embedded world takes minutes to build the first time, on one thread: when a collected test
+    needs it and it is not cached, its build starts now in a process of its own, on the core the tests
+    before those leave idle; embedded_world's world.ensure() then waits on the build's lock."""
+    if any("embedded_world" in getattr(i, "fixturenames", ()) for i in session.items) and \
+            not world._built(world.DEFAULT_DIR, world.WORLD):
+        session.config.world_build = subprocess.Popen([sys.executable, "-c", "import omp, world; world.ensure()"], cwd=ROOT,
+                                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+def pytest_sessionfinish(session):
+    """A build still going when the tests end (a run of a few tests) is stopped; the next build clears
+    what it left."""
+    build = getattr(session.config, "world_build", None)
+    if build is not None and build.poll() is None:
+        build.kill()
+        build.wait()
 
 # ---- train.py on the tiny world
 

@@ -3,8 +3,8 @@
 Each notebook is executed from an in-memory copy (the committed file is never rewritten), with its
 working directory in notebooks/, by a kernel running THIS interpreter: a kernel spec written to a
 temporary folder names sys.executable, so an unrelated 'python3' kernel spec installed elsewhere on
-the machine cannot slip in another Python. The notebooks that need the embedded world build it with
-world.ensure() (a few minutes the first time, then cached).
+the machine cannot slip in another Python. The notebooks use the embedded world, which
+the embedded_world fixture builds first where it is not cached (conftest.py).
 
 Nothing is written into the repository: a notebook that trains (03_results: its small comparison) trains into
 $PILAF_NOTEBOOK_OUT, which the test points at a new temporary folder, so it always trains afresh with the current
@@ -75,7 +75,7 @@ def test_the_write_check_ignores_a_users_runs_but_not_a_notebooks_files(tmp_path
                                                         os.path.join("out", "notebook03", "results.md")]
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs(name, tmp_path, monkeypatch):
+def test_notebook_runs(name, tmp_path, monkeypatch, embedded_world):
     nb = nbformat.read(os.path.join(NB_DIR, name), as_version=4)
     trains = any("PILAF_NOTEBOOK_OUT" in c.source for c in nb.cells if c.cell_type == "code")
     runs = tmp_path / "notebook-out"             # a new folder: a notebook that trains must train afresh

@@ -281,14 +281,14 @@ def test_evaluate_standard_errors_hand_computed(tiny_world):
     assert m["reward"] == pytest.approx((N - 1) / 2) and m["reward_se"] == pytest.approx(math.sqrt(N * (N + 1) / 12) / math.sqrt(N))
     assert m["kl"] == m["kl_sampled"] == m["kl_se"] == m["abs_r"] == 0 and m["J_se"] == pytest.approx(m["reward_se"])
 
-def test_training_on_the_oracles_labels_raises_j_and_ranks_the_labelled_pairs(tmp_path):
+def test_training_on_the_oracles_labels_raises_j_and_ranks_the_labelled_pairs(tmp_path, embedded_world):
     """What the loop is for, on the embedded world (built once and cached, as the notebooks use it):
     512 of the oracle's labels raise J well above the reference's (by more than 3 standard errors of the
     difference), and the trained policy's implicit rewards rank those labelled pairs right more often
     than chance (0.5: a reference that cannot tell two responses apart ranks none). Chosen and rejected
     swapped anywhere between labelling and the loss would train toward the rejected responses instead."""
     out = str(tmp_path / "run")
-    train.main(["--sampler", "vanilla", "--labels", "512", "--out", out, "--world", world.DEFAULT_DIR])
+    train.main(["--sampler", "vanilla", "--labels", "512", "--out", out, "--world", embedded_world])
     m = read_jsonl(os.path.join(out, "metrics.jsonl"))
     first, last = m[0], m[-1]
     assert last["J"] - first["J"] > 3 * (first["J_se"] ** 2 + last["J_se"] ** 2) ** 0.5, (first, last)
