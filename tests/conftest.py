@@ -7,15 +7,18 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-import pytest
-import torch
-from safetensors.torch import load_file
-from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+# tests never touch the network: set before transformers (and huggingface_hub under it) is imported,
+# which reads these once, at import
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")       # tests never touch the network
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import load  # noqa: E402
 import options  # noqa: E402
