@@ -14,7 +14,7 @@ What sampling and a DPO step cost, measured side by side (in the tradition of na
     (e) GPT-2 small (all 12 layers) on 2 processes, sharded (--fsdp) against DDP: the peak memory per
         rank, and the time of a DPO step and of a PILAF pair batch (what sharding costs on this machine)
 
-    python bench.py                        # both sizes on the CPU: about 12 minutes on 2 cores
+    python bench.py                        # both sizes on the CPU: about 25 minutes on 2 cores
     python bench.py --size world           # the embedded world's model size only (about a minute)
     python bench.py --device cuda --reps 10
 
@@ -321,7 +321,7 @@ def bench_dist(args):
     """(e): FSDP and DDP, each a torchrun of 2 processes, alternated; medians of the per-rank maxima."""
     got = {c: [] for c in ("fsdp", "ddp", "fsdp+ac")}
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for _ in range(min(args.reps, 2)):
+    for _ in range(args.reps):
         for c in got:
             out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                                   os.path.abspath(__file__), "--device", args.device, "--dist_case", c],
